@@ -1,0 +1,1 @@
+"""The taxonomy knowledge base: schema, loading, validation, citation."""

@@ -1,0 +1,3 @@
+from reference_impls.baseline.full import Full
+
+__all__ = ["Full"]

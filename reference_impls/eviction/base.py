@@ -1,0 +1,125 @@
+"""Shared machinery of token eviction: a method scores tokens, this file keeps the top ones.
+
+An eviction method is a dataclass with one `score(step)` hook returning (B, H_kv, T) scores, higher =
+keep. `EvictingStore` turns scores into kept tokens: per row a budget (from the target ratio, or an
+absolute token count), per head a count (uniform by default; budget policies such as Ada-KV override
+`keep_counts`, per-layer schedules such as PyramidKV override `layer_budget`), then top-k and gather.
+Kept tokens stay in time order with their post-RoPE keys, so their positions never change.
+
+Budgets count real tokens: with left padding each row keeps round(n_real / ratio), exactly as if it
+were alone in the batch; rows or heads that keep fewer than the widest hold empty slots (slot -1),
+which attention masks out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from reference_impls.base import DenseStore, KVMethod, Step
+
+__all__ = ["EvictionMethod", "EvictingStore", "keep_top"]
+
+
+def keep_top(scores: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the `counts[b, h]` best scores per (b, h), in time order.
+
+    scores (B, H_kv, T) with -inf where nothing may be kept; counts (B, H_kv) -> (idx, hole), both
+    (B, H_kv, max(counts)); idx ascending, hole True where a head keeps fewer than the widest.
+    """
+    T = scores.shape[-1]
+    width = int(counts.max())
+    top = scores.topk(width, dim=-1).indices  # (B, H_kv, width), best first
+    hole = torch.arange(width, device=scores.device) >= counts[..., None]
+    order = torch.where(hole, top + T, top).sort(dim=-1).values  # time order, holes last
+    hole = order >= T
+    return torch.where(hole, 0, order), hole
+
+
+@dataclass
+class EvictionMethod(KVMethod):
+    """Base of scored eviction.
+
+    Args:
+        ratio: target compression ratio at the compressing pass, tokens seen / tokens kept (>= 1).
+        budget: absolute tokens kept per layer and head; overrides `ratio` when set.
+    """
+
+    ratio: float = 2.0
+    budget: Optional[int] = None
+
+    #: keep evicting down to the budget on every later step (bounded memory during generation)
+    evict_while_decoding: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
+            raise ValueError(f"{type(self).__name__}: ratio must be a number >= 1, got {self.ratio!r}")
+        if self.budget is not None and not (isinstance(self.budget, int) and self.budget >= 1):
+            raise ValueError(f"{type(self).__name__}: budget must be a positive int or None, got {self.budget!r}")
+
+    @classmethod
+    def from_ratio(cls, ratio: float) -> "EvictionMethod":
+        return cls(ratio=ratio)
+
+    def score(self, step: Step) -> Tensor:
+        """(B, H_kv, T) importance of each key in `step.keys`; higher = keep."""
+        raise NotImplementedError
+
+    def layer_budget(self, n_real: Tensor, layer_idx: int, num_layers: int) -> Tensor:
+        """(B,) tokens each row keeps in this layer. Uniform: round(n / ratio), or `budget`."""
+        if self.budget is not None:
+            return torch.full_like(n_real, self.budget)
+        return torch.clamp((n_real.double() / self.ratio).round().long(), min=1)
+
+    def keep_counts(self, scores: Tensor, row_budget: Tensor) -> Tensor:
+        """(B, H_kv) tokens each head keeps. Uniform: every head keeps the row's budget."""
+        return row_budget[:, None].expand(scores.shape[0], scores.shape[1])
+
+    def new_layer(self, layer_idx: int, num_layers: int) -> "EvictingStore":
+        return EvictingStore(self, layer_idx, num_layers)
+
+
+class EvictingStore(DenseStore):
+    """Dense keys/values plus the stream index of each kept token (int32, counted in nbytes)."""
+
+    def __init__(self, method: EvictionMethod, layer_idx: int, num_layers: int):
+        super().__init__()
+        self.method, self.layer_idx, self.num_layers = method, layer_idx, num_layers
+        self.slots: Optional[Tensor] = None  # (B, H_kv, T) int32; None until the first eviction
+        self.row_budget: Optional[Tensor] = None  # (B,) set by the compressing pass
+        self.seen = 0
+
+    def append(self, k: Tensor, v: Tensor):
+        q = k.shape[2]
+        super().append(k, v)
+        if self.slots is not None:
+            new = torch.arange(self.seen, self.seen + q, device=k.device, dtype=self.slots.dtype)
+            self.slots = torch.cat([self.slots, new.expand(*self.slots.shape[:2], q)], dim=2)
+        self.seen += q
+        return self.k, self.v, self.kept_slots()
+
+    def kept_slots(self) -> Optional[Tensor]:
+        return None if self.slots is None else self.slots.long()
+
+    def after_attention(self, step: Step) -> None:
+        if step.compress:
+            self.row_budget = self.method.layer_budget(step.n_real(), self.layer_idx, self.num_layers)
+        elif not (self.method.evict_while_decoding and self.row_budget is not None):
+            return
+        n_valid = step.valid.sum(-1)  # (B, H_kv)
+        if bool((n_valid <= self.row_budget[:, None]).all()) and bool(step.valid.all()):
+            return  # within budget and nothing to tidy: keep everything (bit-identical to full)
+        scores = self.method.score(step).float().masked_fill(~step.valid, float("-inf"))
+        counts = torch.minimum(self.method.keep_counts(scores, self.row_budget), n_valid)
+        idx, hole = keep_top(scores, counts)
+        gather = idx[..., None].expand(-1, -1, -1, self.k.shape[-1])
+        self.k = torch.gather(self.k, 2, gather)
+        self.v = torch.gather(self.v, 2, gather)
+        self.slots = torch.where(hole, -1, torch.gather(step.token_slots(), 2, idx)).to(torch.int32)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + (0 if self.slots is None else self.slots.nbytes)
