@@ -216,15 +216,16 @@ def prepare_model(model) -> None:
 # ------------------------------------------------------------------------------------------------
 # Prompts and decoding
 # ------------------------------------------------------------------------------------------------
-def build_prompt(tokenizer, context: str, question: str) -> tuple[Tensor, Tensor]:
+def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> tuple[Tensor, Tensor]:
     """Chat-template prompt, split where the question starts: (context_ids, question_ids), each (1, n).
 
     The user turn is the context, a blank line, then the question; the question part carries the rest
-    of the template (end of turn, assistant header), so the two parts concatenate to the full prompt.
+    of the template (end of turn, assistant header) and the optional `answer_prefix` that starts the
+    assistant's reply, so the two parts concatenate to the full prompt.
     """
     sep = "\n\n"
     text = tokenizer.apply_chat_template([{"role": "user", "content": context + sep + question}],
-                                         tokenize=False, add_generation_prompt=True)
+                                         tokenize=False, add_generation_prompt=True) + answer_prefix
     cut = text.index(context) + len(context) + len(sep)
     ctx = tokenizer(text[:cut], add_special_tokens=False, return_tensors="pt").input_ids
     qst = tokenizer(text[cut:], add_special_tokens=False, return_tensors="pt").input_ids
@@ -244,15 +245,18 @@ class Generation:
 
 @torch.no_grad()
 def greedy_generate(model, cache: KVCache, prompt_parts: list[Tensor], max_new_tokens: int,
-                    eos_token_ids: Optional[set[int]] = None) -> Generation:
+                    eos_token_ids: Optional[set[int]] = None, logits: Optional[Tensor] = None) -> Generation:
     """Prefill the prompt parts one forward each (the cache compresses after the first), then decode greedily.
 
-    Query-aware: one part (context + question). Query-agnostic: [context, question].
+    Query-aware: one part (context + question). Query-agnostic: [context, question]. A cache built by
+    `cache_from_record` passes the remaining parts and the recorded `logits` (1, 1, vocab) instead.
     """
     eos_token_ids = eos_token_ids or set()
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     kv_bytes = full = None
+    if cache.compressed_at is not None:  # built by cache_from_record: already compressed, measure now
+        kv_bytes, full = cache.nbytes(), cache.full_nbytes()
     for part in prompt_parts:
         logits = model(input_ids=part.to(device), cache=cache, use_cache=True).logits
         if kv_bytes is None:
@@ -269,14 +273,20 @@ def greedy_generate(model, cache: KVCache, prompt_parts: list[Tensor], max_new_t
     return Generation(tokens, prefill_s, decode_s, kv_bytes, full, cache.nbytes(), cache.full_nbytes())
 
 
+def _eos_ids(model, tokenizer) -> set[int]:
+    cfg = getattr(model.generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id} | set(cfg if isinstance(cfg, (list, tuple)) else [cfg])
+    return {i for i in ids if i is not None}
+
+
 def run_sample(model, tokenizer, method: KVMethod, context: str, question: str, *, query_aware: bool = False,
-               max_new_tokens: int = 32) -> dict[str, Any]:
+               max_new_tokens: int = 32, answer_prefix: str = "") -> dict[str, Any]:
     """One prompt end to end: the answer and the measured bytes and times (the CLI's output record)."""
-    ctx, qst = build_prompt(tokenizer, context, question)
+    ctx, qst = build_prompt(tokenizer, context, question, answer_prefix)
     parts = [torch.cat([ctx, qst], dim=1)] if query_aware else [ctx, qst]
     cache = KVCache(model, method)
-    eos = {tokenizer.eos_token_id} | set(getattr(model.generation_config, "eos_token_id", None) or [])
-    gen = greedy_generate(model, cache, parts, max_new_tokens, eos_token_ids={e for e in eos if e is not None})
+    eos = _eos_ids(model, tokenizer)
+    gen = greedy_generate(model, cache, parts, max_new_tokens, eos_token_ids=eos)
     text_tokens = [t for t in gen.tokens if t not in eos]
     n_decoded = max(len(gen.tokens) - 1, 0)
     return {
@@ -305,7 +315,8 @@ class PrefillRecord:
     keys: list[Tensor]
     values: list[Tensor]
     scaling: float
-    logits: Tensor  # (1, vocab) at the last prompt position
+    logits: Tensor  # (1, 1, vocab) at the last prompt position
+    seconds: float  # wall time of the prefill
 
 
 class _Recorder(LayerStore):
@@ -340,8 +351,9 @@ def record_prefill(model, input_ids: Tensor) -> PrefillRecord:
     n = model.config.num_hidden_layers
     sink: dict = {"q": [None] * n, "k": [None] * n, "v": [None] * n}
     cache = KVCache(model, _RecordMethod(sink))
+    t0 = time.perf_counter()
     logits = model(input_ids=input_ids.to(next(model.parameters()).device), cache=cache, use_cache=True).logits
-    return PrefillRecord(sink["q"], sink["k"], sink["v"], sink["scaling"], logits[:, -1])
+    return PrefillRecord(sink["q"], sink["k"], sink["v"], sink["scaling"], logits[:, -1:], time.perf_counter() - t0)
 
 
 def cache_from_record(model, method: KVMethod, record: PrefillRecord) -> KVCache:
