@@ -2,14 +2,28 @@
 
     from reference_impls import load_model, KVCache, StreamingLLM
     model, tok = load_model()                      # embedded SmolLM2-135M-Instruct, offline
-    out = model.generate(**tok("...", return_tensors="pt"), cache=KVCache(model, StreamingLLM(ratio=4)))
+    ids = tok("...", return_tensors="pt").input_ids
+    out = model.generate(ids, cache=KVCache(model, StreamingLLM(ratio=4)), max_new_tokens=20)
+
+Names are imported on first use, so the `kvatlas` command starts without loading torch for
+taxonomy work.
 """
 
-from reference_impls.base import DenseStore, KVMethod, LayerStore, Step
-from reference_impls.baseline import Full
-from reference_impls.eviction import EvictionMethod, StreamingLLM
-from reference_impls.integration import KVCache, build_prompt, greedy_generate, prepare_model, run_sample
-from reference_impls.models import load_model, tiny_llama
+import importlib
 
-__all__ = ["DenseStore", "EvictionMethod", "Full", "KVCache", "KVMethod", "LayerStore", "Step", "StreamingLLM",
-           "build_prompt", "greedy_generate", "load_model", "prepare_model", "run_sample", "tiny_llama"]
+_EXPORTS = {
+    "DenseStore": "reference_impls.base", "KVMethod": "reference_impls.base", "LayerStore": "reference_impls.base",
+    "Step": "reference_impls.base", "Full": "reference_impls.baseline", "EvictionMethod": "reference_impls.eviction",
+    "StreamingLLM": "reference_impls.eviction", "KVCache": "reference_impls.integration",
+    "build_prompt": "reference_impls.integration", "greedy_generate": "reference_impls.integration",
+    "prepare_model": "reference_impls.integration", "run_sample": "reference_impls.integration",
+    "load_model": "reference_impls.models", "tiny_llama": "reference_impls.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'reference_impls' has no attribute {name!r}")

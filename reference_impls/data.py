@@ -11,6 +11,7 @@ import functools
 import importlib
 import random
 import re
+import warnings
 from typing import Optional
 
 __all__ = ["haystack_sentences", "passkey_samples", "is_correct"]
@@ -32,8 +33,10 @@ def haystack_sentences() -> tuple[str, ...]:
     for name in _SOURCES:
         mod = importlib.import_module(name)
         docs = [mod.__doc__ or ""]
-        docs += [getattr(obj, "__doc__", None) or "" for obj in vars(mod).values()
-                 if getattr(obj, "__module__", None) == mod.__name__]
+        with warnings.catch_warnings():  # typing's deprecated aliases warn when touched
+            warnings.simplefilter("ignore", DeprecationWarning)
+            docs += [getattr(obj, "__doc__", None) or "" for obj in vars(mod).values()
+                     if getattr(obj, "__module__", None) == mod.__name__]
         for doc in (d for d in docs if isinstance(d, str)):
             text = re.sub(r"\s+", " ", doc)
             for s in re.split(r"(?<=[.!?])\s+", text):

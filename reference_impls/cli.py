@@ -1,0 +1,288 @@
+"""The `kvatlas` command: list, validate, cite, new, schema, generate.
+
+Bad input gets one line on stderr naming the file, field or parameter, and a non-zero exit; never a
+traceback. `generate` writes its output only when every input line has been answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------ list
+def _records(filters: argparse.Namespace) -> list[dict]:
+    from reference_impls.atlas.validate import load_entries
+
+    entries, problems = load_entries(check_links=False)
+    if problems:
+        raise UsageError(f"the taxonomy has {len(problems)} invalid entries; run `kvatlas validate` (first: {problems[0]})")
+    out = []
+    for e in entries:
+        rec = {"id": e.id, "name": e.name, "title": e.title, "principle": e.principle, "also": e.also,
+               "dimensions": e.dimensions, "training": e.training, "phase": e.phase, "year": e.year,
+               "venue": e.venue, "arxiv": e.arxiv, "query_aware": e.query_aware, "budget_policy": e.budget_policy,
+               "benchmark_category": e.benchmark_category, "implemented": e.implementation is not None,
+               "implementation": e.implementation, "notebook": e.notebook, "code": e.code, "url": e.url}
+        if filters.principle and filters.principle not in [e.principle, *e.also]:
+            continue
+        if filters.dimension and filters.dimension not in e.dimensions:
+            continue
+        if filters.training and filters.training != e.training:
+            continue
+        if filters.phase and filters.phase != e.phase:
+            continue
+        if filters.implemented is not None and rec["implemented"] != filters.implemented:
+            continue
+        out.append(rec)
+    return out
+
+
+def cmd_list(args) -> int:
+    from reference_impls.atlas.schema import VOCAB
+
+    for field, key in (("principle", "principle"), ("dimension", "dimensions"), ("training", "training"),
+                       ("phase", "phase")):
+        value = getattr(args, field)
+        if value is not None and value not in VOCAB[key]:
+            raise UsageError(f"--{field} {value!r} is not allowed; allowed values: {', '.join(VOCAB[key])}")
+    recs = _records(args)
+    if args.json:
+        json.dump(recs, sys.stdout, indent=1)
+        print()
+        return 0
+    for r in recs:
+        mark = "*" if r["implemented"] else " "
+        print(f"{mark} {r['id']:<28} {r['principle']:<20} {','.join(r['dimensions']):<18} {r['training']:<14} "
+              f"{r['year']}  {r['arxiv'] or '-'}")
+    print(f"{len(recs)} entries ({sum(r['implemented'] for r in recs)} implemented, marked *)", file=sys.stderr)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- validate
+def cmd_validate(args) -> int:
+    from reference_impls.atlas.validate import entry_files, load_entries
+
+    paths = [Path(p) for p in args.paths] if args.paths else entry_files()
+    for p in paths:
+        if not p.is_file():
+            raise UsageError(f"{p}: no such file")
+    entries, problems = load_entries(paths)
+    for prob in problems:
+        print(prob)
+    bad = len({p.file for p in problems})
+    print(f"{len(paths)} entries checked: {len(paths) - bad} valid, {bad} with problems", file=sys.stderr)
+    return 1 if problems else 0
+
+
+# ------------------------------------------------------------------------------------------------ cite
+def cmd_cite(args) -> int:
+    from reference_impls.atlas.validate import entry_files, load_entries
+
+    if args.all == bool(args.id):
+        raise UsageError("cite takes an entry id or --all")
+    if args.all:
+        entries, problems = load_entries(check_links=False)
+        print("\n".join(e.bibtex.strip() + "\n" for e in entries), end="")
+        return 1 if problems else 0
+    path = next((p for p in entry_files() if p.stem == args.id), None)
+    if path is None:
+        raise UsageError(f"no taxonomy entry {args.id!r}; see `kvatlas list`")
+    entries, problems = load_entries([path], check_links=False)
+    if problems:
+        raise UsageError(str(problems[0]))
+    print(entries[0].bibtex.strip())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- new
+def cmd_new(args) -> int:
+    from reference_impls.atlas.scaffold import scaffold
+
+    try:
+        paths = scaffold(args.id, args.principle)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for path in paths:
+        print(f"created {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- schema
+def cmd_schema(args) -> int:
+    from reference_impls.atlas.paths import taxonomy_dir
+    from reference_impls.atlas.schema import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    path = taxonomy_dir() / "schema.json"
+    if args.check:
+        if not path.is_file() or path.read_text() != text:
+            raise UsageError(f"{path} is out of date; run `kvatlas schema`")
+        return 0
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- generate
+def _read_prompts(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--input {path}: no such file")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{n}: each line must be a JSON object with context and question")
+            for field in ("context", "question"):
+                if not isinstance(row.get(field), str):
+                    raise UsageError(f"{path}:{n}: {field}: required string field is missing")
+            if not isinstance(row.get("answer_prefix", ""), str):
+                raise UsageError(f"{path}:{n}: answer_prefix: must be a string")
+            rows.append(row)
+    if not rows:
+        raise UsageError(f"--input {path}: no prompts")
+    return rows
+
+
+def cmd_generate(args) -> int:
+    from reference_impls.methods import implemented_methods, make_method
+
+    if args.method not in implemented_methods():
+        raise UsageError(f"--method {args.method!r} is unknown; implemented methods: {', '.join(implemented_methods())}")
+    if args.ratio < 1:
+        raise UsageError(f"--ratio {args.ratio} must be >= 1 (full-cache bytes over compressed bytes; 2 = half)")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    try:
+        make_method(args.method, args.ratio)  # validate the configuration before loading a model
+    except (ValueError, NotImplementedError) as err:
+        raise UsageError(f"--method {args.method} --ratio {args.ratio}: {err}") from None
+    prompts = _read_prompts(args.input)
+    out = Path(args.output)
+    if not out.parent.exists():
+        raise UsageError(f"--output {out}: folder {out.parent} does not exist")
+
+    from tqdm import tqdm
+
+    from reference_impls.integration import run_sample
+    from reference_impls.models import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in tqdm(prompts, desc=f"{args.method} x{args.ratio:g}", unit="prompt", file=sys.stderr):
+                res = run_sample(model, tokenizer, make_method(args.method, args.ratio), row["context"],
+                                 row["question"], query_aware=args.query_aware, max_new_tokens=args.max_new_tokens,
+                                 answer_prefix=row.get("answer_prefix", ""))
+                f.write(json.dumps({**row, **res, "method": args.method, "target_ratio": args.ratio,
+                                    "query_aware": args.query_aware}) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return 0
+
+
+def cmd_passkey(args) -> int:
+    from reference_impls.data import passkey_samples
+    from reference_impls.models import load_model
+
+    tokenizer = load_model(args.model)[1] if args.exact_tokens else None
+    with open(args.output, "w", encoding="utf-8") as f:
+        for s in passkey_samples(args.n, args.tokens, args.seed, tokenizer=tokenizer):
+            f.write(json.dumps(s) + "\n")
+    print(f"wrote {args.n} passkey prompts of ~{args.tokens} tokens to {args.output}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvatlas", description="The reference atlas of KV-cache compression.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list taxonomy entries")
+    p.add_argument("--json", action="store_true", help="one JSON record per entry")
+    p.add_argument("--principle")
+    p.add_argument("--dimension")
+    p.add_argument("--training")
+    p.add_argument("--phase")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--implemented", dest="implemented", action="store_true", default=None)
+    g.add_argument("--not-implemented", dest="implemented", action="store_false")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("validate", help="validate taxonomy entries (default: all of taxonomy/)")
+    p.add_argument("paths", nargs="*")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("cite", help="print an entry's BibTeX (or --all)")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.set_defaults(func=cmd_cite)
+
+    p = sub.add_parser("new", help="scaffold a new method: entry, implementation stub, test, notebook")
+    p.add_argument("id")
+    p.add_argument("--principle", required=True)
+    p.set_defaults(func=cmd_new)
+
+    p = sub.add_parser("schema", help="write taxonomy/schema.json (JSON Schema for editors)")
+    p.add_argument("--check", action="store_true", help="fail if schema.json is out of date")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("generate", help="answer prompts with a compressed cache")
+    p.add_argument("--method", required=True)
+    p.add_argument("--ratio", type=float, default=1.0, help="target full/compressed bytes (2 = half)")
+    p.add_argument("--query-aware", action="store_true", help="compress after the question is in the prefix")
+    p.add_argument("--model", default=None, help="HF id or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--input", required=True, help="JSONL with context, question (and optional answer_prefix)")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("passkey", help="write a synthetic passkey prompt set (JSONL)")
+    p.add_argument("--n", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None)
+    p.add_argument("--exact-tokens", action="store_true", help="measure lengths with the model's tokenizer")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_passkey)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from reference_impls.models import ModelNotAvailable
+
+    try:
+        return args.func(args)
+    except (UsageError, ModelNotAvailable) as err:
+        print(f"kvatlas {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Accuracy / achieved ratio / times of eviction methods on the passkey set, both settings.
+
+    python scripts/eviction_evidence.py --methods streamingllm,snapkv --samples 30 --tokens 1500
+
+Writes results/eviction/<method>.json with the config, one row per (prompt, setting, ratio) and a summary.
+Methods are taxonomy ids with an implementation; every prompt is prefilled once and shared by all methods
+and ratios (reference_impls.evaluate).
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from reference_impls.data import passkey_samples
+from reference_impls.evaluate import SETTINGS, evaluate, summarize
+from reference_impls.methods import make_method
+from reference_impls.models import load_model
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", required=True, help="comma-separated taxonomy ids")
+    ap.add_argument("--ratios", default="1.25,1.5,2,4,8")
+    ap.add_argument("--samples", type=int, default=30)
+    ap.add_argument("--tokens", type=int, default=1500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--out", default="results/eviction")
+    args = ap.parse_args()
+    names = args.methods.split(",")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    for n in names:
+        make_method(n, ratios[0])  # fail early on an unknown method or a bad ratio
+    model, tok = load_model()
+    samples = passkey_samples(args.samples, args.tokens, args.seed, tokenizer=tok)
+    t0 = time.time()
+    rows = evaluate(model, tok, {n: (lambda r, n=n: make_method(n, r)) for n in names}, ratios, samples,
+                    settings=args.settings.split(","), progress=lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "samples": args.samples,
+              "tokens": args.tokens, "seed": args.seed, "ratios": ratios, "torch": torch.__version__,
+              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "wall_s": time.time() - t0}
+    for n in names:
+        mine = [r for r in rows if r["method"] == n]
+        (out / f"{n}.json").write_text(json.dumps({"config": config, "summary": summarize(mine), "rows": mine}, indent=1))
+        print(f"wrote {out / f'{n}.json'}", file=sys.stderr)
+    for s in summarize(rows):
+        print(f"{s['method']:14} {s['setting']:15} x{s['target_ratio']:<5g} achieved {s['achieved_ratio']:6.2f} "
+              f"acc {s['accuracy']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

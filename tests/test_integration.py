@@ -1,0 +1,90 @@
+"""The transformers glue: KVCache + the kvatlas attention, checked against plain transformers and by hand."""
+
+import pytest
+import torch
+
+from reference_impls import Full, KVCache, StreamingLLM
+from reference_impls.base import DenseStore, KVMethod
+from reference_impls.integration import cache_from_record, greedy_generate, record_prefill
+
+
+def ids(n, seed=0, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (1, n), generator=g)
+
+
+@torch.no_grad()
+def test_full_cache_matches_plain_transformers(tiny):
+    x = ids(33)
+    ref = tiny(x).logits  # transformers' own DynamicCache path
+    cache = KVCache(tiny, Full())
+    assert torch.allclose(tiny(x, cache=cache).logits, ref, atol=1e-6)
+    assert cache.get_seq_length() == 33
+    # decode continues with positions from the true length
+    nxt = torch.tensor([[7]])
+    full_ref = tiny(torch.cat([x, nxt], 1)).logits[:, -1]
+    assert torch.allclose(tiny(nxt, cache=cache).logits[:, -1], full_ref, atol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_uses_the_cache_and_matches_our_loop(tiny):
+    x = ids(30, seed=1)
+    ref = tiny.generate(x, max_new_tokens=6, do_sample=False)  # plain DynamicCache
+    ours = tiny.generate(x, cache=KVCache(tiny, Full()), max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, ref)
+    cache = KVCache(tiny, StreamingLLM(budget=10))
+    g = tiny.generate(x, cache=cache, max_new_tokens=6, do_sample=False)
+    loop = greedy_generate(tiny, KVCache(tiny, StreamingLLM(budget=10)), [x], 6)
+    assert g[0, 30:].tolist() == loop.tokens
+    assert cache.get_seq_length() == 35  # tokens seen (the 6th token is never fed back)
+
+
+@torch.no_grad()
+def test_nbytes_are_measured_from_held_tensors(tiny):
+    x = ids(40)
+    cache = KVCache(tiny, Full())
+    tiny(x, cache=cache)
+    held = sum(l.store.k.nbytes + l.store.v.nbytes for l in cache.layers)
+    cfg = tiny.config
+    assert cache.nbytes() == held == cache.full_nbytes() == 2 * cfg.num_hidden_layers * 2 * 40 * 16 * 4
+
+
+@torch.no_grad()
+def test_replay_from_record_equals_live_run(tiny):
+    x, q = ids(50, seed=2), ids(6, seed=3)
+    method = StreamingLLM(budget=17)
+    live = greedy_generate(tiny, KVCache(tiny, method), [x, q], 8)
+    rec = record_prefill(tiny, x)
+    replay = greedy_generate(tiny, cache_from_record(tiny, method, rec), [q], 8)
+    assert live.tokens == replay.tokens and live.kv_bytes == replay.kv_bytes
+
+
+@torch.no_grad()
+def test_compression_armed_once_then_question_is_kept(tiny):
+    """Query-agnostic: the context is compressed, the question appended after it is not."""
+    cache = KVCache(tiny, StreamingLLM(budget=12))
+    tiny(ids(40), cache=cache)
+    assert cache.compress_next is False and cache.compressed_at == 40
+    store = cache.layers[0].store
+    assert store.kept_slots().shape[-1] == 12
+    tiny(ids(5, seed=9), cache=cache)  # StreamingLLM evicts while decoding: back to the budget
+    assert store.kept_slots().shape[-1] == 12 and store.kept_slots()[0, 0, -1].item() == 44
+
+
+class _KeepAll(KVMethod):
+    name = "keep-all"
+
+    def new_layer(self, layer_idx, num_layers):
+        return DenseStore()
+
+
+def test_errors_are_clear(tiny):
+    with pytest.raises(TypeError, match="KVMethod"):
+        KVCache(tiny, "streamingllm")
+    cache = KVCache(tiny, _KeepAll())
+    with pytest.raises(NotImplementedError, match="not croppable"):
+        cache.crop(3)
+    with pytest.raises(ValueError, match="ratio must be a number >= 1"):
+        StreamingLLM(ratio=0.5)
+    with pytest.raises(ValueError, match="does not compress"):
+        Full.from_ratio(2)
