@@ -57,10 +57,10 @@ plt.show()
 
 # %% [markdown]
 # ## The ceiling: passkey retrieval with nothing compressed
-# Twelve prompts of about 1,000 tokens (standard-library prose, a 5-digit passkey at depths from 0 to 100%).
+# Eight prompts of about 1,000 tokens (standard-library prose, a 5-digit passkey at depths from 0 to 100%).
 
 # %%
-samples = passkey_samples(12, 1000, seed=0, tokenizer=tok)
+samples = passkey_samples(8, 1000, seed=0, tokenizer=tok)
 rows = []
 for s in samples:
     r = run_sample(model, tok, Full(), s["context"], s["question"], answer_prefix=s["answer_prefix"], max_new_tokens=8)

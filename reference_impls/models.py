@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +50,11 @@ def load_model(name_or_path: Optional[str] = None, device: Optional[str] = None,
         raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
     kwargs: dict = {"dtype": getattr(torch, dtype)}
     if name_or_path is None:
-        path, kwargs["gguf_file"] = str(embedded_model_dir()), EMBEDDED_GGUF
+        cached = _converted_dir()
+        if (cached / "config.json").is_file():  # GGUF already de-quantized once: ~10x faster to load
+            path = str(cached)
+        else:
+            path, kwargs["gguf_file"] = str(embedded_model_dir()), EMBEDDED_GGUF
     else:
         path = name_or_path
     try:
@@ -56,10 +62,32 @@ def load_model(name_or_path: Optional[str] = None, device: Optional[str] = None,
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelNotAvailable(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from err
+    if "gguf_file" in kwargs:
+        _save_converted(model, tokenizer)
     model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _converted_dir() -> Path:
+    root = os.environ.get("KVATLAS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvatlas")
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def _save_converted(model, tokenizer) -> None:
+    """Keep the de-quantized GGUF weights as safetensors (fp32, ~0.5 GB) so later loads skip the conversion."""
+    target = _converted_dir()
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    try:
+        model.hf_quantizer = None  # GGUF tensors are de-quantized on load: plain fp32 weights remain
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:  # read-only home, a concurrent writer won the race ...: loading from GGUF still works
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tiny_llama(num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16,

@@ -1,0 +1,273 @@
+"""Generate the site's data-driven pages at build time (run by mkdocs-gen-files; see mkdocs.yml).
+
+Pages: the taxonomy browser (family diagram + faceted, sortable table), one page per entry (with its
+BibTeX), the vocabulary, the two seeds' crosswalk, the leaderboard from results/, the API reference (one
+page per module), the notebooks (copied from notebooks/ so mkdocs-jupyter executes them), and SUMMARY.md.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import pkgutil
+from collections import Counter
+from pathlib import Path
+
+import mkdocs_gen_files
+import yaml
+
+from reference_impls.atlas.schema import VOCAB
+from reference_impls.atlas.validate import load_entries
+
+ROOT = Path(__file__).resolve().parents[1]
+entries, problems = load_entries()
+if problems:
+    raise SystemExit("taxonomy has problems; run `kvatlas validate`:\n" + "\n".join(map(str, problems)))
+entries.sort(key=lambda e: (e.principle, e.year, e.name.lower()))
+by_id = {e.id: e for e in entries}
+nav = mkdocs_gen_files.Nav()
+
+
+def write(path: str, text: str, edit: str | None = None) -> None:
+    with mkdocs_gen_files.open(path, "w") as f:
+        f.write(text)
+    if edit:
+        mkdocs_gen_files.set_edit_path(path, edit)
+
+
+def link(eid: str, prefix: str = "") -> str:
+    e = by_id.get(eid)
+    return f"[{e.name}]({prefix}{eid}.md)" if e else eid
+
+
+def family_svg(counts: Counter) -> str:
+    """The families as a tree of boxes, one per principle, with entry counts (inline SVG: works offline)."""
+    principles = list(VOCAB["principle"])
+    w, h, gap, top = 150, 44, 12, 90
+    width = len(principles) * (w + gap) + gap
+    parts = [f'<svg class="kv-families" viewBox="0 0 {width} {top + h + 40}" role="img" '
+             f'aria-label="KV-cache compression families">',
+             f'<rect x="{width / 2 - 130}" y="8" width="260" height="40" rx="8" class="kv-root"/>',
+             f'<text x="{width / 2}" y="33" text-anchor="middle" class="kv-root-text">KV-cache compression</text>']
+    for i, p in enumerate(principles):
+        x = gap + i * (w + gap)
+        parts.append(f'<path d="M{width / 2},48 C{width / 2},70 {x + w / 2},66 {x + w / 2},{top}" class="kv-edge"/>')
+        parts.append(f'<a href="#p-{p}"><rect x="{x}" y="{top}" width="{w}" height="{h}" rx="6" class="kv-node"/>'
+                     f'<text x="{x + w / 2}" y="{top + 19}" text-anchor="middle" class="kv-node-text">{p}</text>'
+                     f'<text x="{x + w / 2}" y="{top + 36}" text-anchor="middle" class="kv-node-count">'
+                     f'{counts.get(p, 0)} entries</text></a>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- browser
+counts = Counter(e.principle for e in entries)
+rows = []
+for e in entries:
+    impl = "yes" if e.implementation else "no"
+    rows.append(
+        f"<tr><td><a href=\"{e.id}/\">{html.escape(e.name)}</a></td><td>{e.principle}</td>"
+        f"<td>{', '.join(e.dimensions)}</td><td>{e.training}</td><td>{e.phase}</td>"
+        f"<td>{'yes' if e.query_aware else 'no'}</td><td>{e.year}</td><td>{impl}</td>"
+        f"<td>{html.escape(e.venue or '')}</td></tr>")
+table = ("<div class=\"kv-faceted\" data-facets=\"1,2,3,4,5,7\">\n<table class=\"kv-table\">\n"
+         "<thead><tr><th>Method</th><th>Principle</th><th>Dimensions</th><th>Training</th><th>Phase</th>"
+         "<th>Query-aware</th><th data-sort=\"number\">Year</th><th>Implemented</th><th>Venue</th></tr></thead>\n"
+         "<tbody>\n" + "\n".join(rows) + "\n</tbody></table>\n</div>")
+sections = []
+for p, definition in VOCAB["principle"].items():
+    mine = [e for e in entries if e.principle == p]
+    if mine:
+        items = ", ".join(link(e.id) for e in mine)
+        sections.append(f"### {p} {{#p-{p}}}\n\n{definition}\n\n{items}\n")
+write("taxonomy/index.md", f"""# The taxonomy
+
+{len(entries)} methods, {sum(1 for e in entries if e.implementation)} with a tested reference implementation.
+Each method is filed by the survey seed's three axes (Javidnia et al., arXiv 2503.11816): the **principle**
+it uses, the **dimension** of the cache it shrinks, and the **training** it needs; the vocabulary is defined
+on [its own page](vocabulary.md), and [the two seeds](../seeds.md) page relates this to the benchmark seed's
+families.
+
+{family_svg(counts)}
+
+## Browse
+
+Filter with the menus above the table (a column's menu lists its values; "Dimensions" matches any listed
+dimension) and sort by clicking a column header.
+
+{table}
+
+## By principle
+
+{chr(10).join(sections)}
+""")
+nav["Taxonomy"] = "taxonomy/index.md"
+
+# ---------------------------------------------------------------------------------------------------- entries
+for e in entries:
+    facts = [("Principle", e.principle + (f" (also {', '.join(e.also)})" if e.also else "")),
+             ("Compresses", ", ".join(e.dimensions)), ("Training", e.training), ("Phase", e.phase),
+             ("Granularity", e.granularity), ("Budget policy", e.budget_policy),
+             ("Query-aware", "yes" if e.query_aware else "no"),
+             ("Benchmark-seed family", e.benchmark_category or "—"), ("kvpress", e.kvpress or "—")]
+    links = [f"[arXiv {e.arxiv}](https://arxiv.org/abs/{e.arxiv})" if e.arxiv else "",
+             f"[DOI {e.doi}](https://doi.org/{e.doi})" if e.doi else "", f"[paper]({e.url})",
+             f"[official code]({e.code})" if e.code else ""]
+    lines = [f"# {e.name}", "", f"**{html.escape(e.title)}**  ", f"{', '.join(e.authors)} · {e.year}"
+             + (f" · {e.venue}" if e.venue else ""), "", " · ".join(l for l in links if l), "",
+             "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + ["", "## Idea", "", e.summary, "",
+             "## Key equation", "", f"$$\n{e.key_equation}\n$$", ""]
+    if e.implementation:
+        module = e.implementation.rsplit(".", 1)[0]
+        nb = Path(e.notebook).stem
+        lines += ["## Reference implementation", "",
+                  f"`{e.implementation}` — [API and source](../api/{module}.md), "
+                  f"[notebook](../notebooks/{nb}.py) (executed on the embedded model when this site was built).", "",
+                  "```python", f"from {module} import {e.implementation.rsplit('.', 1)[1]}", "```", ""]
+    else:
+        lines += ["## Reference implementation", "", "Not implemented in kvatlas yet "
+                  "([contribute one](../contributing.md)).", ""]
+    if e.reported_results:
+        lines += ["## Reported results (from the paper)", "",
+                  "| Model | Benchmark | Metric | Setting | Value | Full cache | Source |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.model} | {r.benchmark} | {r.metric} | {r.compression} | {r.value} | "
+                  f"{'' if r.baseline_value is None else r.baseline_value} | {r.source} |" for r in e.reported_results]
+        lines += ["", "These are the paper's own numbers, under its own models, data and hardware; they are not "
+                  "comparable across entries. The [leaderboard](../leaderboard.md) compares methods under one setup.", ""]
+    if e.builds_on or e.compared_with:
+        lines += ["## Related", ""]
+        if e.builds_on:
+            lines.append("Builds on: " + ", ".join(link(i) for i in e.builds_on) + "  ")
+        if e.compared_with:
+            lines.append("Compared with: " + ", ".join(link(i) for i in e.compared_with))
+        lines.append("")
+    lines += ["## Cite", "", "```bibtex", e.bibtex.strip(), "```", "",
+              f"<small>Source of this page: `taxonomy/{e.id}.yaml` · `kvatlas cite {e.id}`</small>", ""]
+    write(f"taxonomy/{e.id}.md", "\n".join(lines), edit=f"taxonomy/{e.id}.yaml")
+    nav["Taxonomy", e.principle, e.name] = f"taxonomy/{e.id}.md"
+
+# ---------------------------------------------------------------------------------------------------- vocabulary
+voc = ["# Vocabulary", "", "Every controlled value of the taxonomy, defined. Source: `taxonomy/vocabulary.yaml`; "
+       "the schema (`taxonomy/schema.json`) enforces it.", ""]
+for field, values in VOCAB.items():
+    voc += [f"## `{field}`", "", "| Value | Definition | Entries |", "|---|---|---|"]
+    for v, d in values.items():
+        n = sum(1 for e in entries if v in ([e.principle, *e.also] if field == "principle" else
+                                           e.dimensions if field == "dimensions" else [getattr(e, field, None)]))
+        voc.append(f"| `{v}` | {d} | {n} |")
+    voc.append("")
+write("taxonomy/vocabulary.md", "\n".join(voc))
+nav["Vocabulary"] = "taxonomy/vocabulary.md"
+
+# ---------------------------------------------------------------------------------------------------- seeds
+cat_rows = []
+for cat, definition in VOCAB["benchmark_category"].items():
+    mine = [e for e in entries if e.benchmark_category == cat]
+    principles = sorted({e.principle for e in mine})
+    cat_rows.append(f"| {cat} | {', '.join(principles) or '—'} | {', '.join(link(e.id, 'taxonomy/') for e in mine) or '—'} |")
+matrix_rows = []
+for p in VOCAB["principle"]:
+    c = Counter(d for e in entries if e.principle == p for d in e.dimensions)
+    t = Counter(e.training for e in entries if e.principle == p)
+    matrix_rows.append(f"| {p} | " + " | ".join(str(c.get(d, "")) for d in VOCAB["dimensions"]) + " | "
+                       + ", ".join(f"{k} {v}" for k, v in t.most_common()) + " |")
+write("seeds.md", f"""# How the two seed papers' taxonomies relate
+
+kvatlas starts from two papers.
+
+* **The survey** — Javidnia, Rouhani, Koushanfar, *Key, Value, Compress: A Systematic Exploration of KV Cache
+  Compression Techniques*, arXiv 2503.11816 — files methods by **principle** (how: quantize, evict, merge,
+  project, share, change the architecture, compress the prompt, offload) and by the **dimension** of the
+  cache they shrink, with the **training** each needs. The atlas adopts these three axes as its schema.
+* **The benchmark** — Yuan et al., *KV Cache Compression, But What Must We Give in Return?*, arXiv 2407.01527
+  (EMNLP Findings 2024) — groups the methods it runs into five families by *where* the saving comes from:
+  KV-cache quantization, token dropping, prompt compression, linear-time sequence models and hybrids.
+
+The benchmark's families are coarser and cut across the survey's axes: "token dropping" spans the survey's
+token eviction, budget allocation and retrieval/offload (InfLLM keeps blocks it can retrieve); "linear-time"
+and "hybrid" are both architectures with a constant-size state, which the atlas files as `linear-hybrid`.
+Each entry carries both labels (`principle` and `benchmark_category`), so the mapping below is computed from
+the data, not asserted.
+
+## Benchmark family → atlas principles
+
+| Benchmark family | Atlas principles of its methods | Methods in the atlas |
+|---|---|---|
+{chr(10).join(cat_rows)}
+
+## Principle × dimension (entry counts) and training needed
+
+| Principle | {' | '.join(VOCAB['dimensions'])} | Training |
+|---|{'---|' * len(VOCAB['dimensions'])}---|
+{chr(10).join(matrix_rows)}
+
+## What neither seed does, and the atlas adds
+
+Neither seed measures memory, latency and throughput of every method under one harness; the benchmark's
+ratios are nominal configuration values. The atlas's [leaderboard](leaderboard.md) runs every implemented
+method on the same model, prompts, batch and machine, and reports the ratio **achieved** from the bytes the
+cache actually holds, next to the target.
+""")
+nav["The two seeds"] = "seeds.md"
+
+# ---------------------------------------------------------------------------------------------------- leaderboard
+results = sorted((ROOT / "results").glob("*/*.json"))
+lb = ["# Leaderboard", "",
+      "Every implemented method under one setup: the embedded SmolLM2-135M-Instruct (fp32, CPU), the same "
+      "synthetic passkey prompts, batch 1, greedy decoding. Each prompt is prefilled once and every method "
+      "compresses from that same prefill (`reference_impls.evaluate`). **Achieved** ratios are measured from "
+      "the bytes each cache holds (kept indices, scales and any full-precision window included), shown next "
+      "to the target. Times are CPU wall times on the machine that produced the file.", ""]
+summary_rows = []
+configs = {}
+for path in results:
+    data = json.loads(path.read_text())
+    configs[path.parent.name] = data.get("config", {})
+    for s in data.get("summary", []):
+        summary_rows.append((path.parent.name, s))
+if summary_rows:
+    for setting in ("query-agnostic", "query-aware"):
+        rs = [(fam, s) for fam, s in summary_rows if s["setting"] == setting]
+        if not rs:
+            continue
+        lb += [f"## {setting}", "", "<div class=\"kv-faceted\" data-facets=\"0,1,2\">", "",
+               "| Family | Method | Target ratio | Achieved ratio | Passkey accuracy | Prefill s | Decode tok/s | n |",
+               "|---|---|---|---|---|---|---|---|"]
+        for fam, s in sorted(rs, key=lambda x: (x[1]["method"], x[1]["target_ratio"])):
+            dec = s.get("decode_tokens_per_s")
+            lb.append(f"| {fam} | [{s['method']}](taxonomy/{s['method']}.md) | {s['target_ratio']:g} | "
+                      f"{s['achieved_ratio']:.2f} | {s['accuracy']:.2f} | {s['prefill_s']:.2f} | "
+                      f"{'' if dec is None else f'{dec:.1f}'} | {s['n']} |")
+        lb += ["", "</div>", ""]
+    lb += ["## Setup of each results file", ""]
+    for fam, cfg in configs.items():
+        lb.append(f"* `results/{fam}/`: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    lb.append("")
+else:
+    lb += ["No results yet: run `python scripts/eviction_evidence.py --methods <ids>`.", ""]
+lb += ["Reproduce: `python scripts/eviction_evidence.py --methods <id,...> --samples 30 --tokens 1500` "
+       "writes `results/eviction/<id>.json`, which this page reads at build time.", ""]
+write("leaderboard.md", "\n".join(lb))
+nav["Leaderboard"] = "leaderboard.md"
+
+# ---------------------------------------------------------------------------------------------------- notebooks
+for nb in sorted((ROOT / "notebooks").glob("*.py")):
+    write(f"notebooks/{nb.name}", nb.read_text(), edit=f"notebooks/{nb.name}")
+    nav["Notebooks", nb.stem] = f"notebooks/{nb.name}"
+
+# ---------------------------------------------------------------------------------------------------- API
+import reference_impls  # noqa: E402
+
+for mod in sorted(pkgutil.walk_packages(reference_impls.__path__, "reference_impls."), key=lambda m: m.name):
+    if mod.ispkg or mod.name.endswith(".cli") or mod.name.startswith("reference_impls.atlas.paths"):
+        continue
+    write(f"api/{mod.name}.md", f"# `{mod.name}`\n\n::: {mod.name}\n")
+    nav["API reference", *mod.name.split(".")[1:]] = f"api/{mod.name}.md"
+
+# ---------------------------------------------------------------------------------------------------- contributing
+write("contributing.md", (ROOT / "CONTRIBUTING.md").read_text() if (ROOT / "CONTRIBUTING.md").exists() else "")
+nav["Contributing"] = "contributing.md"
+
+with mkdocs_gen_files.open("SUMMARY.md", "w") as f:
+    f.write("* [Home](index.md)\n")
+    f.writelines(nav.build_literate_nav())
