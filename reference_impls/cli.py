@@ -193,7 +193,9 @@ def cmd_generate(args) -> int:
                 res = run_sample(model, tokenizer, make_method(args.method, args.ratio), row["context"],
                                  row["question"], query_aware=args.query_aware, max_new_tokens=args.max_new_tokens,
                                  answer_prefix=row.get("answer_prefix", ""))
-                f.write(json.dumps({**row, **res, "method": args.method, "target_ratio": args.ratio,
+                # an input's gold `answer` is kept as `expected`; `answer` becomes the model's
+                gold = {"expected": row["answer"]} if "answer" in row else {}
+                f.write(json.dumps({**row, **gold, **res, "method": args.method, "target_ratio": args.ratio,
                                     "query_aware": args.query_aware}) + "\n")
         os.replace(tmp, out)
     finally:
@@ -211,6 +213,22 @@ def cmd_passkey(args) -> int:
         for s in passkey_samples(args.n, args.tokens, args.seed, tokenizer=tokenizer):
             f.write(json.dumps(s) + "\n")
     print(f"wrote {args.n} passkey prompts of ~{args.tokens} tokens to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    """Accuracy of a generate output whose lines carry the expected `answer` (exact digits contained)."""
+    path = Path(args.answers)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    missing = [i + 1 for i, r in enumerate(rows) if not isinstance(r.get("answer"), str) or "expected" not in r]
+    if not rows or missing:
+        raise UsageError(f"{path}: needs lines with answer and expected fields (bad lines: {missing[:5]})")
+    ok = sum(str(r["expected"]) in r["answer"] for r in rows)
+    ratios = [r["achieved_ratio"] for r in rows if "achieved_ratio" in r]
+    print(json.dumps({"n": len(rows), "correct": ok, "accuracy": ok / len(rows),
+                      "achieved_ratio": sum(ratios) / len(ratios) if ratios else None}))
     return 0
 
 
@@ -259,6 +277,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL with context, question (and optional answer_prefix)")
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="accuracy of a generate output (lines with answer and expected)")
+    p.add_argument("answers")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("passkey", help="write a synthetic passkey prompt set (JSONL)")
     p.add_argument("--n", type=int, default=20)
