@@ -20,6 +20,7 @@ docs: install           ## strict build: executes every notebook on the embedded
 	$(VENV)/kvatlas schema --check
 	rm -rf .cache/mkdocs-jupyter
 	$(VENV)/mkdocs build --strict
+	$(VENV)/python scripts/check_site.py site
 
 site: docs serve        ## build, then serve at http://127.0.0.1:8000
 

@@ -43,18 +43,20 @@ def link(eid: str, prefix: str = "") -> str:
 def family_svg(counts: Counter) -> str:
     """The families as a tree of boxes, one per principle, with entry counts (inline SVG: works offline)."""
     principles = list(VOCAB["principle"])
-    w, h, gap, top = 150, 44, 12, 90
-    width = len(principles) * (w + gap) + gap
-    parts = [f'<svg class="kv-families" viewBox="0 0 {width} {top + h + 40}" role="img" '
+    cols, w, h, gap, top, row_gap = 4, 170, 48, 14, 100, 22
+    width = cols * (w + gap) + gap
+    rows_n = -(-len(principles) // cols)
+    parts = [f'<svg class="kv-families" viewBox="0 0 {width} {top + rows_n * (h + row_gap) + 10}" role="img" '
              f'aria-label="KV-cache compression families">',
              f'<rect x="{width / 2 - 130}" y="8" width="260" height="40" rx="8" class="kv-root"/>',
              f'<text x="{width / 2}" y="33" text-anchor="middle" class="kv-root-text">KV-cache compression</text>']
     for i, p in enumerate(principles):
-        x = gap + i * (w + gap)
-        parts.append(f'<path d="M{width / 2},48 C{width / 2},70 {x + w / 2},66 {x + w / 2},{top}" class="kv-edge"/>')
-        parts.append(f'<a href="#p-{p}"><rect x="{x}" y="{top}" width="{w}" height="{h}" rx="6" class="kv-node"/>'
-                     f'<text x="{x + w / 2}" y="{top + 19}" text-anchor="middle" class="kv-node-text">{p}</text>'
-                     f'<text x="{x + w / 2}" y="{top + 36}" text-anchor="middle" class="kv-node-count">'
+        x = gap + (i % cols) * (w + gap)
+        y = top + (i // cols) * (h + row_gap)
+        parts.insert(1, f'<path d="M{width / 2},48 C{width / 2},80 {x + w / 2},70 {x + w / 2},{y}" class="kv-edge"/>')
+        parts.append(f'<a href="#p-{p}"><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" class="kv-node"/>'
+                     f'<text x="{x + w / 2}" y="{y + 21}" text-anchor="middle" class="kv-node-text">{p}</text>'
+                     f'<text x="{x + w / 2}" y="{y + 38}" text-anchor="middle" class="kv-node-count">'
                      f'{counts.get(p, 0)} entries</text></a>')
     parts.append("</svg>")
     return "".join(parts)
@@ -104,7 +106,7 @@ dimension) and sort by clicking a column header.
 nav["Taxonomy"] = "taxonomy/index.md"
 
 # ---------------------------------------------------------------------------------------------------- entries
-for e in entries:
+for e in sorted(entries, key=lambda e: (e.principle, e.name.lower())):
     facts = [("Principle", e.principle + (f" (also {', '.join(e.also)})" if e.also else "")),
              ("Compresses", ", ".join(e.dimensions)), ("Training", e.training), ("Phase", e.phase),
              ("Granularity", e.granularity), ("Budget policy", e.budget_policy),
@@ -115,7 +117,7 @@ for e in entries:
              f"[official code]({e.code})" if e.code else ""]
     lines = [f"# {e.name}", "", f"**{html.escape(e.title)}**  ", f"{', '.join(e.authors)} · {e.year}"
              + (f" · {e.venue}" if e.venue else ""), "", " · ".join(l for l in links if l), "",
-             "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + ["", "## Idea", "", e.summary, "",
+             "| Axis | Value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + ["", "## Idea", "", e.summary, "",
              "## Key equation", "", f"$$\n{e.key_equation}\n$$", ""]
     if e.implementation:
         module = e.implementation.rsplit(".", 1)[0]

@@ -1,13 +1,21 @@
 // kvatlas site behaviour, no external requests: KaTeX math, sortable tables and facet filters.
 (function () {
   function renderMath() {
-    if (window.renderMathInElement) {
-      document.querySelectorAll(".arithmatex").forEach(function (el) {
-        renderMathInElement(el, {delimiters: [{left: "\\[", right: "\\]", display: true},
-                                              {left: "\\(", right: "\\)", display: false}],
-                                 throwOnError: false});
-      });
-    }
+    if (!window.renderMathInElement) return;
+    // pages from Markdown: pymdownx.arithmatex wraps math in .arithmatex with \[ \] and \( \)
+    document.querySelectorAll(".arithmatex").forEach(function (el) {
+      renderMathInElement(el, {delimiters: [{left: "\\[", right: "\\]", display: true},
+                                            {left: "\\(", right: "\\)", display: false}],
+                               throwOnError: false});
+    });
+    // executed notebooks: Markdown cells keep $$ ... $$ and $ ... $ (rendered here instead of MathJax from a CDN)
+    document.querySelectorAll(".jp-MarkdownCell, .jp-RenderedMarkdown").forEach(function (el) {
+      if (el.getAttribute("data-math")) return;
+      el.setAttribute("data-math", "1");
+      renderMathInElement(el, {delimiters: [{left: "$$", right: "$$", display: true},
+                                            {left: "$", right: "$", display: false}],
+                               throwOnError: false});
+    });
   }
 
   function cellText(row, i) { return (row.cells[i] ? row.cells[i].textContent : "").trim(); }
