@@ -52,7 +52,7 @@ class _Layer(CacheLayerMixin):
         super().__init__()
         self.store = store
         self.seen = 0  # tokens seen, the true sequence length
-        self.held = 0  # rows of the last operands handed to attention, minus this step's tokens
+        self.full_bytes = 0  # what a full cache would hold for them, set when attention runs
         self.pending: Optional[tuple[Tensor, Tensor, Optional[Tensor], int]] = None
 
     def lazy_initialization(self, key_states, value_states):
@@ -63,7 +63,6 @@ class _Layer(CacheLayerMixin):
         q = key_states.shape[2]
         k, v, slots = self.store.append(key_states, value_states)
         self.seen += q
-        self.held = k.shape[2] - q
         self.pending = (k, v, slots, q)
         return k, v
 
@@ -133,9 +132,9 @@ class KVCache(Cache):
         """Bytes of every tensor the stores hold now (keys, values, kept indices, codes, scales ...)."""
         return sum(layer.store.nbytes() for layer in self.layers)
 
-    def full_nbytes(self, dtype: Optional[torch.dtype] = None) -> int:
+    def full_nbytes(self) -> int:
         """Bytes a full cache would hold for the tokens seen: 2 * L * B * H_kv * T * D * itemsize."""
-        return sum(layer.full_bytes for layer in self.layers if hasattr(layer, "full_bytes"))
+        return sum(layer.full_bytes for layer in self.layers)
 
     # called by the attention function -------------------------------------------------------------
     def _attend(self, module, query: Tensor, hf_mask: Optional[Tensor], scaling: float) -> Tensor:
