@@ -2,5 +2,15 @@
 
 from reference_impls.eviction.base import EvictingStore, EvictionMethod, keep_top
 from reference_impls.eviction.streamingllm import StreamingLLM
+from reference_impls.eviction.snapkv import SnapKV
+from reference_impls.eviction.pyramidkv import PyramidKV
+from reference_impls.eviction.adakv import AdaKV
+from reference_impls.eviction.keydiff import KeyDiff
+from reference_impls.eviction.h2o import H2O
+from reference_impls.eviction.tova import TOVA
+from reference_impls.eviction.knorm import KNorm
+from reference_impls.eviction.random import RandomEviction
 
 __all__ = ["EvictingStore", "EvictionMethod", "StreamingLLM", "keep_top"]
+__all__ += ["AdaKV", "KeyDiff", "PyramidKV", "SnapKV"]
+__all__ += ["H2O", "KNorm", "RandomEviction", "TOVA"]

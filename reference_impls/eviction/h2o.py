@@ -1,0 +1,113 @@
+"""H2O: keep the "heavy hitters" (keys that have received the most attention so far) plus a recent window.
+
+Paper: Zhang, Sheng, Zhou, Chen, Zheng, Cai, Song, Tian, Ré, Barrett, Wang, Chen, "H2O: Heavy-Hitter Oracle
+for Efficient Generative Inference of Large Language Models", arXiv 2306.14048 (NeurIPS 2023), Section 3
+(heavy hitters follow a power law), Algorithm 1 (greedy eviction: score = attention accumulated over all
+queries so far, evict the lowest while over budget); the experiments split the budget heavy / recent.
+Official code: https://github.com/FMInference/H2O (`h2o_hf/utils_real_drop/modify_llama.py`,
+`H2OKVCache_LayerWise`: per-head `hh_score` = attention summed over queries, accumulated step by step).
+Deviations: (1) GQA: the official code is for multi-head attention; we store one copy per KV head and
+average the accumulated scores of the G query heads of each group (kvpress's ObservedAttentionPress also
+averages within the group). (2) The budget is round(n / ratio) tokens per head at the compressing pass (the
+benchmark seed, arXiv 2407.01527, sets heavy_ratio = recent_ratio = budget / 2n); it then stays fixed, so
+each decoded token evicts one token. (3) The extra state (an fp32 score per kept token) is counted in nbytes.
+(4) kvpress's ObservedAttentionPress is H2O's score at the prefill only, divided by the number of queries that
+saw each key, without a recent window; kvpress cannot run beside transformers 5.x, so no fixture is compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reference_impls.base import Step
+from reference_impls.eviction.base import EvictingStore, EvictionMethod
+
+__all__ = ["H2O", "H2OStore", "h2o_accumulate", "h2o_scores"]
+
+
+def h2o_accumulate(acc: Optional[Tensor], probs: Tensor, num_kv_heads: int, q_real: Optional[Tensor] = None) -> Tensor:
+    """Add this step's attention to the running per-key totals (Alg. 1: a key's score is the attention it
+    has received from every query so far).
+
+    acc (B, H_kv, T - q): totals of the keys held before this step, or None on the first step;
+    probs (B, H, q, T): this step's attention; q_real (B, q) bool, False for padding queries (they vote for
+    nothing). Returns (B, H_kv, T).
+    """
+    B, H, q, T = probs.shape
+    if q_real is not None:
+        probs = probs * q_real[:, None, :, None]
+    new = probs.sum(dim=2)  # (B, H, T): the official `attn_score_cache.sum(0).sum(1)`, kept per batch row
+    new = new.view(B, num_kv_heads, H // num_kv_heads, T).mean(dim=2)  # GQA: mean over the group (kvpress)
+    return new if acc is None else new + F.pad(acc, (0, T - acc.shape[2]))  # new keys start at 0
+
+
+def h2o_scores(acc: Tensor, positions: Tensor, n_real: Tensor, n_recent: Tensor) -> Tensor:
+    """Recent window first (by position), then heavy hitters by accumulated attention.
+
+    acc (B, H_kv, T) accumulated attention; positions (B, H_kv, T) real-token positions, -1 for holes;
+    n_real (B,) tokens seen; n_recent (B,) window size. Returns (B, H_kv, T) scores (higher = keep).
+    """
+    recent = positions >= (n_real - n_recent)[:, None, None]
+    top = acc.max() + 1  # every recent token outranks every heavy hitter; accumulated attention is >= 0
+    return torch.where(recent, top + positions.to(acc.dtype), acc).masked_fill(positions < 0, float("-inf"))
+
+
+class H2OStore(EvictingStore):
+    """EvictingStore that also holds each kept token's accumulated attention `acc` (B, H_kv, T) fp32."""
+
+    def __init__(self, method: "H2O", layer_idx: int, num_layers: int):
+        super().__init__(method, layer_idx, num_layers)
+        self.acc: Optional[Tensor] = None
+
+    def after_attention(self, step: Step) -> None:
+        B, H_kv, T, _ = step.keys.shape
+        q_real = None if step.pad_valid is None else step.pad_valid[:, step.seen - step.q_len:]
+        acc = h2o_accumulate(self.acc, step.probs(), H_kv, q_real).masked_fill(~step.valid, 0.0)
+        budget = self.method.layer_budget(step.n_real(), self.layer_idx, self.num_layers) if step.compress \
+            else self.row_budget
+        # The base class asks the method for scores with the step only; the store's state rides on the step.
+        step.h2o_acc, step.h2o_budget = acc, budget
+        super().after_attention(step)
+        # follow the kept tokens: look each kept slot up among this step's slots
+        slots = step.token_slots()
+        by_slot = torch.zeros(B, H_kv, step.seen + 1, dtype=acc.dtype, device=acc.device)
+        by_slot.scatter_(2, torch.where(slots >= 0, slots, step.seen), acc)  # holes -> a spare column
+        kept = self.kept_slots()
+        self.acc = acc if kept is None else torch.where(kept >= 0, torch.gather(by_slot, 2, kept.clamp(min=0)), 0.0)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + (0 if self.acc is None else self.acc.nbytes)
+
+
+@dataclass
+class H2O(EvictionMethod):
+    """Heavy hitters + recent window; evicts while decoding too (one token per step once over budget).
+
+    Args:
+        ratio: target tokens seen / tokens kept (at the compressing pass; the budget then stays fixed).
+        budget: absolute tokens kept per layer and head; overrides ratio.
+        heavy_fraction: share of the budget for heavy hitters, the rest is the recent window (0.5 = equal
+            halves, as in the benchmark seed and the paper's default of 20% + 20% of the sequence).
+    """
+
+    heavy_fraction: float = 0.5
+    name = "h2o"
+    evict_while_decoding = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.heavy_fraction, (int, float)) and 0 <= self.heavy_fraction <= 1):
+            raise ValueError(f"H2O: heavy_fraction must be a number in [0, 1], got {self.heavy_fraction!r}")
+
+    def new_layer(self, layer_idx: int, num_layers: int) -> H2OStore:
+        return H2OStore(self, layer_idx, num_layers)
+
+    def score(self, step: Step) -> Tensor:
+        budget = step.h2o_budget  # (B,) this row's budget, fixed at the compressing pass
+        n_recent = budget - (budget.double() * self.heavy_fraction).round().long()
+        return h2o_scores(step.h2o_acc, step.token_positions(), step.n_real(), n_recent)

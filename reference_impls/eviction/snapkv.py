@@ -1,0 +1,92 @@
+"""SnapKV: the last prompt tokens (the observation window) vote, by attention, for the prefix tokens to keep.
+
+Paper: Li, Huang, Yang, Venkitesh, Locatelli, Ye, Cai, Lewis, Chen, "SnapKV: LLM Knows What You are Looking
+for Before Generation", arXiv 2404.14469 (NeurIPS 2024), Section 4 and its PyTorch-style listing: window
+attention summed over the window's queries, 1-D pooling, top-k per head, concatenated with the window itself.
+Official code: https://github.com/FasterDecoding/SnapKV (`snapkv/monkeypatch/snapkv_utils.py`)
+Deviations: (1) GQA: the official code expands keys/values to one copy per query head before selecting
+(its cache is G times larger); we store one copy per KV head and average the G query heads' pooled scores
+within each group, as kvpress's SnapKVPress does (see FasterDecoding/SnapKV issue #22). (2) The budget is
+round(n / ratio) tokens per head *including* the window (kvpress's convention); the official
+`max_capacity_prompt` is the same quantity as an absolute count (our `budget`). (3) When the budget is
+smaller than the window, the most recent window tokens are kept (the official code asserts budget > window).
+(4) Window queries are summed (official) rather than averaged (kvpress); the ranking is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reference_impls.base import Step, attention_probs, repeat_kv
+from reference_impls.eviction.base import EvictionMethod
+
+__all__ = ["SnapKV", "snapkv_scores"]
+
+
+def snapkv_scores(q_obs: Tensor, k: Tensor, scaling: float, *, kernel_size: int = 5, pooling: str = "avg",
+                  mask: Optional[Tensor] = None, in_window: Optional[Tensor] = None) -> Tensor:
+    """Pooled attention that the observation window gives each prefix key, averaged over each GQA group.
+
+    q_obs (B, H, w, D): the window's queries; k (B, H_kv, T, D). mask (B, H_kv, w, T) bool, True = may attend;
+    None = the w queries are the last w of the T tokens, causal. in_window (B, H_kv, T) bool: the window's
+    own keys, excluded (set to 0) before pooling so only the prefix is pooled; None = the last w keys.
+    Returns (B, H_kv, T): 0 at window keys.
+    """
+    B, H, w, _ = q_obs.shape
+    H_kv, T = k.shape[1], k.shape[2]
+    if mask is None:  # query i of the window is token T - w + i
+        mask = torch.ones(w, T, dtype=torch.bool, device=k.device).tril(T - w).expand(B, H_kv, w, T)
+    if in_window is None:
+        in_window = (torch.arange(T, device=k.device) >= T - w).expand(B, H_kv, T)
+    votes = attention_probs(q_obs, k, mask, scaling).sum(dim=2)  # (B, H, T): summed over the window (Sec. 4)
+    window = repeat_kv(in_window, H // H_kv)
+    votes = votes.masked_fill(window, 0.0)
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d  # Sec. 4: pool to keep clusters of tokens
+    votes = pool(votes, kernel_size=kernel_size, stride=1, padding=kernel_size // 2).masked_fill(window, 0.0)
+    return votes.view(B, H_kv, H // H_kv, T).mean(dim=2)  # GQA: mean over the group (kvpress)
+
+
+@dataclass
+class SnapKV(EvictionMethod):
+    """Keep the observation window plus the prefix tokens it attends to most; compresses the prefill only.
+
+    Args:
+        ratio: target tokens seen / tokens kept, window included.
+        budget: absolute tokens kept per layer and head (the official `max_capacity_prompt`); overrides ratio.
+        window: observation window, the last `window` tokens of the compressed pass (official/kvpress: 64).
+        kernel_size: odd pooling width (official/kvpress default 5).
+        pooling: "avg" (official default) or "max".
+    """
+
+    window: int = 64
+    kernel_size: int = 5
+    pooling: str = "avg"
+    name = "snapkv"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.window, int) and self.window >= 1):
+            raise ValueError(f"SnapKV: window must be an int >= 1, got {self.window!r}")
+        if not (isinstance(self.kernel_size, int) and self.kernel_size >= 1 and self.kernel_size % 2 == 1):
+            raise ValueError(f"SnapKV: kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"SnapKV: pooling must be 'avg' or 'max', got {self.pooling!r}")
+
+    def score(self, step: Step) -> Tensor:
+        B, H_kv, T, _ = step.keys.shape
+        w = min(self.window, step.q_len)
+        pos = step.token_positions()  # (B, H_kv, T), -1 for holes; padding-free positions
+        in_window = step.valid & (pos >= (step.n_real() - w)[:, None, None])
+        mask = step.mask[:, :, -w:] if step.mask is not None else None
+        if step.pad_valid is not None:  # a padding query in the window votes for nothing
+            q_real = step.pad_valid[:, step.seen - w:]  # (B, w)
+            mask = mask & step.valid[:, :, None, :] & q_real[:, None, :, None]
+        votes = snapkv_scores(step.queries[:, :, -w:], step.keys, step.scaling, kernel_size=self.kernel_size,
+                              pooling=self.pooling, mask=mask, in_window=in_window)
+        # the window is always kept, most recent first if the budget cannot hold all of it
+        return torch.where(in_window, (w + 1 + pos).to(votes.dtype), votes)

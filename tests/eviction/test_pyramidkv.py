@@ -1,0 +1,110 @@
+"""PyramidKV (arXiv 2406.02069): the pyramid schedule, its total, and decoding with per-layer budgets."""
+
+import pytest
+import torch
+
+from reference_impls import Full, KVCache
+from reference_impls.eviction import PyramidKV, SnapKV, StreamingLLM
+from reference_impls.eviction.pyramidkv import pyramid_budgets
+from reference_impls.models import tiny_llama
+from test_snapkv import decode_matches_reference, ids  # the per-layer, per-head masked-attention reference
+
+
+def official_schedule(n, b, L, w, beta):
+    """The KVCache-Factory formula in exact arithmetic: b_l = w + max - l (max - min) / (L - 1)."""
+    lo = (b - w) / beta
+    hi = 2 * (b - w) - lo
+    if hi > n - w:
+        hi, lo = n - w, 2 * (b - w) - (n - w)
+    return [w + hi - l * (hi - lo) / (L - 1) for l in range(L)]
+
+
+@pytest.mark.parametrize("n,b,L,w,beta", [(1500, 375, 30, 64, 20), (1500, 188, 30, 64, 20), (1500, 1200, 30, 64, 20),
+                                          (200, 50, 7, 8, 5), (97, 31, 4, 0, 1)])
+def test_schedule_is_the_official_pyramid_rounded_to_the_uniform_total(n, b, L, w, beta):
+    got = pyramid_budgets(torch.tensor([n]), torch.tensor([b]), L, w, beta)[0]
+    exact = official_schedule(n, b, L, w, beta)
+    assert int(got.sum()) == L * b  # same total as uniform allocation
+    assert all(abs(g - e) < 1 for g, e in zip(got.tolist(), exact))  # each layer within rounding
+    assert all(x >= y for x, y in zip(got.tolist(), got.tolist()[1:]))  # non-increasing with depth
+    assert int(got.max()) <= n
+
+
+def test_falls_back_to_uniform_when_the_pyramid_does_not_fit():
+    got = pyramid_budgets(torch.tensor([100, 100]), torch.tensor([40, 10]), 5, window=16, beta=20)
+    assert got[1].tolist() == [10] * 5 and int(got[0].sum()) == 200
+
+
+@torch.no_grad()
+def test_total_kept_across_layers_equals_the_uniform_total_and_layers_differ():
+    model, T = tiny_llama(num_layers=6), 80
+    cache = KVCache(model, PyramidKV(ratio=4, scorer=SnapKV(window=4), beta=4))
+    model(ids(T), cache=cache)
+    kept = [layer.store.kept_slots() for layer in cache.layers]
+    counts = [int((k[0, 0] >= 0).sum()) for k in kept]
+    assert sum(counts) == 6 * 20 and counts[0] > counts[-1]
+    for k in kept:  # every head of a layer keeps the layer's budget, window included
+        assert ((k >= 0).sum(-1) == k.shape[-1]).all() and (k[..., -4:] == torch.arange(T - 4, T)).all()
+
+
+@torch.no_grad()
+def test_decoding_with_per_layer_budgets_equals_attention_over_each_layers_kept_tokens():
+    """kvpress 0.5.5's PyramidKVPress failed in decoding on this model; here every layer keeps a different
+    number of tokens and each decoded token must equal the per-layer masked reference."""
+    cache = decode_matches_reference(tiny_llama(num_layers=4), PyramidKV(budget=14, scorer=SnapKV(window=4), beta=3),
+                                     T=40, steps=6)
+    widths = [layer.store.kept_slots().shape[-1] for layer in cache.layers]
+    assert len(set(widths)) == 4 and sum(w - 6 for w in widths) == 4 * 14
+
+
+@torch.no_grad()
+def test_budget_at_least_length_is_identical_to_full(tiny):
+    x = ids(40)
+    full, ours = KVCache(tiny, Full()), KVCache(tiny, PyramidKV(budget=43))
+    assert torch.equal(tiny(x, cache=full).logits, tiny(x, cache=ours).logits)
+    for t in (9, 10, 11):
+        assert torch.equal(tiny(torch.tensor([[t]]), cache=full).logits, tiny(torch.tensor([[t]]), cache=ours).logits)
+    assert ours.nbytes() == full.nbytes()
+
+
+@torch.no_grad()
+def test_wraps_any_scorer_and_inherits_its_ratio_and_decoding_behaviour(tiny):
+    p = PyramidKV(scorer=StreamingLLM(ratio=4, n_sink=2))
+    assert p.ratio == 4 and p.evict_while_decoding
+    cache = KVCache(tiny, p)
+    tiny(ids(40), cache=cache)
+    before = cache.nbytes()
+    for t in range(10):
+        tiny(torch.tensor([[t + 3]]), cache=cache)
+    assert cache.nbytes() == before  # StreamingLLM inside keeps memory at the per-layer budgets
+
+
+@torch.no_grad()
+def test_left_padded_batch_gives_the_same_answers_as_batch_one(tiny):
+    a, b = ids(30, seed=5), ids(22, seed=6)
+    method = PyramidKV(ratio=2, scorer=SnapKV(window=4), beta=2)
+    singles = []
+    for x in (a, b):
+        c = KVCache(tiny, method)
+        singles.append(torch.cat([tiny(x, cache=c).logits[:, -1]] +
+                                 [tiny(torch.tensor([[t]]), cache=c).logits[:, -1] for t in (11, 12)]))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :8] = 0
+    c = KVCache(tiny, method)
+    outs = [tiny(batch, attention_mask=mask, cache=c).logits[:, -1]]
+    for t in (11, 12):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        outs.append(tiny(torch.tensor([[t], [t]]), attention_mask=mask, cache=c).logits[:, -1])
+    outs = torch.stack(outs, 1)
+    for row in range(2):
+        assert torch.allclose(outs[row], singles[row], atol=1e-5), row
+
+
+def test_bad_parameters_are_rejected():
+    with pytest.raises(ValueError, match="beta"):
+        PyramidKV(beta=0.5)
+    with pytest.raises(ValueError, match="scorer"):
+        PyramidKV(scorer="snapkv")
+    with pytest.raises(ValueError, match="ratio"):
+        PyramidKV.from_ratio(0.5)
