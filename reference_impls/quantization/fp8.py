@@ -1,0 +1,110 @@
+"""FP8 KV cache: keys and values stored as 8-bit floats (E4M3 or E5M2) times one scale per tensor or per head.
+
+Paper: Micikevicius et al., "FP8 Formats for Deep Learning", arXiv 2209.05433 (the E4M3 and E5M2 formats,
+Section 2; E4M3 has no infinities and saturates at 448, E5M2 keeps IEEE infinities, max 57344). The KV-cache
+use follows the serving engines: vLLM `--kv-cache-dtype fp8_e4m3 / fp8_e5m2` with per-tensor k/v scales
+(docs "Quantized KV Cache"), SGLang `--kv-cache-dtype fp8_e4m3`, and transformers' `QuantizedCache(backend=
+"fp8")` (`cache_utils.Fp8QuantizedLayer`: per-tensor scale amax / 448 frozen at the first update).
+Official code: https://github.com/vllm-project/vllm (docs/features/quantization/quantized_kvcache.md);
+https://github.com/huggingface/transformers (src/transformers/cache_utils.py)
+Deviations: (1) the scales are calibrated on the first forward (the prefill's own keys and values: amax / max)
+and then frozen, as transformers and vLLM's `calculate_kv_scales` do; vLLM's default is 1.0 without calibration
+and its recommended path loads scales calibrated offline (llm-compressor). (2) Values outside the format's
+range are saturated to +-max before the cast (a plain cast to E5M2 would give inf). (3) `granularity="head"`
+keeps one scale per KV head (vLLM's per-attention-head scheme, k/v_scale = [num_kv_heads]); default per tensor.
+(4) The current step's tokens attend at full precision (transformers attends to their FP8 round trip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from reference_impls.base import KVMethod, LayerStore, Step
+
+__all__ = ["FP8", "FP8Store", "FP8_FORMATS", "fp8_dequantize", "fp8_quantize", "fp8_scale"]
+
+FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fp8_scale(x: Tensor, fmt: str, per_head: bool) -> Tensor:
+    """amax / format max, fp32: shape (1, 1, 1, 1) per tensor, (1, H_kv, 1, 1) per head, for x (B, H_kv, T, D)."""
+    dims = (0, 2, 3) if per_head else (0, 1, 2, 3)
+    amax = x.float().abs().amax(dim=dims, keepdim=True)
+    return (amax / torch.finfo(FP8_FORMATS[fmt]).max).clamp(min=torch.finfo(torch.float32).tiny)  # all-zero x
+
+
+def fp8_quantize(x: Tensor, scale: Tensor, fmt: str) -> Tensor:
+    """x / scale, saturated to the format's range, cast to FP8 (round to nearest even): 1 byte per element."""
+    top = torch.finfo(FP8_FORMATS[fmt]).max
+    return (x.float() / scale).clamp(-top, top).to(FP8_FORMATS[fmt])
+
+
+def fp8_dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return (codes.float() * scale).to(dtype)
+
+
+class FP8Store(LayerStore):
+    """FP8 keys/values of every token but the current step's, plus the frozen fp32 scales."""
+
+    def __init__(self, method: "FP8"):
+        self.method = method
+        self.k: Optional[Tensor] = None  # (B, H_kv, T, D) float8
+        self.v: Optional[Tensor] = None
+        self.k_scale: Optional[Tensor] = None  # (1, 1 or H_kv, 1, 1) fp32
+        self.v_scale: Optional[Tensor] = None
+        self.new: Optional[tuple[Tensor, Tensor]] = None
+
+    def append(self, k: Tensor, v: Tensor):
+        self.new = (k, v)  # this step attends to its own tokens at full precision
+        if self.k is None:
+            return k, v, None
+        return (torch.cat([fp8_dequantize(self.k, self.k_scale, k.dtype), k], dim=2),
+                torch.cat([fp8_dequantize(self.v, self.v_scale, v.dtype), v], dim=2), None)
+
+    def after_attention(self, step: Step) -> None:
+        (k, v), self.new = self.new, None
+        fmt, per_head = self.method.fmt, self.method.granularity == "head"
+        if self.k_scale is None:  # calibrate once, on the first tokens (the prefill), then freeze
+            self.k_scale, self.v_scale = fp8_scale(k, fmt, per_head), fp8_scale(v, fmt, per_head)
+        kq, vq = fp8_quantize(k, self.k_scale, fmt), fp8_quantize(v, self.v_scale, fmt)
+        self.k = kq if self.k is None else torch.cat([self.k, kq], dim=2)
+        self.v = vq if self.v is None else torch.cat([self.v, vq], dim=2)
+
+    def nbytes(self) -> int:
+        held = [self.k, self.v, self.k_scale, self.v_scale] + list(self.new or ())
+        return sum(t.nbytes for t in held if t is not None)
+
+
+@dataclass
+class FP8(KVMethod):
+    """FP8 KV cache with a frozen scale.
+
+    Args:
+        fmt: "e4m3" (3 mantissa bits, max 448; the usual choice) or "e5m2" (2 mantissa bits, max 57344).
+        granularity: "tensor" (one scale for K and one for V per layer) or "head" (one per KV head).
+    """
+
+    fmt: str = "e4m3"
+    granularity: str = "tensor"
+
+    name = "fp8"
+
+    def __post_init__(self):
+        if self.fmt not in FP8_FORMATS:
+            raise ValueError(f"FP8: fmt must be one of {sorted(FP8_FORMATS)}, got {self.fmt!r}")
+        if self.granularity not in ("tensor", "head"):
+            raise ValueError(f"FP8: granularity must be 'tensor' or 'head', got {self.granularity!r}")
+
+    def new_layer(self, layer_idx: int, num_layers: int) -> FP8Store:
+        return FP8Store(self)
+
+    @classmethod
+    def from_ratio(cls, ratio: float) -> "FP8":
+        """8 bits per element: a 16-bit cache shrinks 2x, so any ratio in [1, 2] gives E4M3 per tensor."""
+        if not (isinstance(ratio, (int, float)) and 1 <= ratio <= 2):
+            raise ValueError(f"FP8: ratio must be in [1, 2] (8 bits against a 16-bit cache), got {ratio!r}")
+        return cls()

@@ -1,0 +1,140 @@
+"""KIVI: keys quantized per channel, values per token, the most recent tokens kept in full precision.
+
+Paper: Liu, Yuan, Jin, Zhong, Xu, Braverman, Chen, Hu, "KIVI: A Tuning-Free Asymmetric 2bit Quantization
+for KV Cache", arXiv 2402.02750 (ICML 2024): Section 3 (key outliers sit in fixed channels, so keys are
+grouped per channel and values per token), Eq. (1)-(2) (asymmetric min-max), Algorithm 1 (grouping and the
+full-precision residual).
+Official code: https://github.com/jy-yuan/KIVI (`models/llama_kivi.py`, `quant/new_pack.py`)
+Deviations: (1) codes are packed into uint8 (8 / bits per byte) where the official code packs int32; the
+bytes are the same. (2) The quantized part is de-quantized to the model's dtype and attention runs on it
+(simulated in the arithmetic, real in storage); the official code multiplies packed codes directly
+(`kivi_triton.py` here does the same). (3) residual_length=0 is allowed: keys then still wait for a whole
+group of `group_size` tokens, values are quantized at once. (4) Value groups need not divide D (the last
+group is shorter); the official code asserts D % group_size == 0. (5) Left-padding tokens join the key
+groups of a batch (the official code has no padding).
+
+How the residual is flushed, as in the official code: keys are quantized in whole blocks of R tokens from
+the start of the stream (prefill: all but the T mod R newest; decoding: when R keys have piled up), so the
+key groups of G tokens (G divides R) never straddle a flush; values are quantized one token at a time as
+they leave the window of the R newest. Either way the cache after T tokens depends only on those T tokens
+(not on how they arrived), which is what `kivi_quantize` computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from reference_impls.base import KVMethod, LayerStore, Step
+from reference_impls.quantization.primitives import QuantizedTensor
+
+__all__ = ["KIVI", "KIVIStore", "kivi_quantize", "kivi_split"]
+
+
+def kivi_split(T: int, *, group_size: int, residual_length: int) -> tuple[int, int]:
+    """How many of T tokens are quantized: (keys, values). The rest, the newest, stay in full precision."""
+    block = residual_length or group_size  # keys move out of the window in blocks of R (G when R = 0)
+    return T - T % block, max(T - residual_length, 0)
+
+
+def kivi_quantize(k: Tensor, v: Tensor, *, bits: int, group_size: int, residual_length: int,
+                  ) -> tuple[Optional[QuantizedTensor], Tensor, Optional[QuantizedTensor], Tensor]:
+    """KIVI's cache of T tokens: (k_quant, k_full, v_quant, v_full).
+
+    k, v (B, H_kv, T, D). Keys: per channel, groups of G tokens along T (dim 2) -> scale (B, H_kv, n/G, D).
+    Values: per token, groups of G channels along D (dim 3) -> scale (B, H_kv, n, ceil(D/G)).
+    Full-precision parts: the T mod R newest keys and the min(T, R) newest values.
+    """
+    nk, nv = kivi_split(k.shape[2], group_size=group_size, residual_length=residual_length)
+    kq = QuantizedTensor.from_float(k[:, :, :nk], bits=bits, dim=2, group_size=group_size) if nk else None
+    vq = QuantizedTensor.from_float(v[:, :, :nv], bits=bits, dim=3, group_size=group_size) if nv else None
+    return kq, k[:, :, nk:], vq, v[:, :, nv:]
+
+
+class KIVIStore(LayerStore):
+    """Packed key/value codes + fp scales/zeros + the full-precision residual of one layer."""
+
+    def __init__(self, method: "KIVI"):
+        self.method = method
+        self.kq: Optional[QuantizedTensor] = None  # (B, H_kv, Tk, D) keys, grouped along tokens
+        self.vq: Optional[QuantizedTensor] = None  # (B, H_kv, Tv, D) values, grouped along channels
+        self.k: Optional[Tensor] = None  # (B, H_kv, T - Tk, D) full-precision keys, the newest
+        self.v: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor):
+        # new tokens join the full-precision residual; attention sees old tokens de-quantized + residual
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        keys = self.k if self.kq is None else torch.cat([self.kq.dequantize(k.dtype), self.k], dim=2)
+        values = self.v if self.vq is None else torch.cat([self.vq.dequantize(v.dtype), self.v], dim=2)
+        return keys, values, None
+
+    def after_attention(self, step: Step) -> None:
+        # quantize what left the window: the same split as kivi_quantize over the whole stream
+        m = self.method
+        held_k = 0 if self.kq is None else self.kq.shape[2]
+        held_v = 0 if self.vq is None else self.vq.shape[2]
+        nk, nv = kivi_split(held_k + self.k.shape[2], group_size=m.group_size, residual_length=m.residual_length)
+        nk, nv = nk - held_k, nv - held_v  # tokens of the residual to quantize now
+        if nk > 0:
+            new = QuantizedTensor.from_float(self.k[:, :, :nk], bits=m.bits, dim=2, group_size=m.group_size)
+            self.kq = new if self.kq is None else self.kq.cat(new, dim=2)
+            self.k = self.k[:, :, nk:]
+        if nv > 0:
+            new = QuantizedTensor.from_float(self.v[:, :, :nv], bits=m.bits, dim=3, group_size=m.group_size)
+            self.vq = new if self.vq is None else self.vq.cat(new, dim=2)
+            self.v = self.v[:, :, nv:]
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.kq, self.vq, self.k, self.v) if t is not None)
+
+
+@dataclass
+class KIVI(KVMethod):
+    """KIVI-`bits`: asymmetric min-max, keys per channel and values per token, groups of G, window of R.
+
+    Args:
+        bits: 1, 2, 4 or 8 (the paper evaluates 2 and 4).
+        group_size: G, tokens per key group and channels per value group (paper: 32).
+        residual_length: R, newest tokens kept in full precision; a multiple of G (paper: 128).
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    residual_length: int = 128
+
+    name = "kivi"
+
+    def __post_init__(self):
+        if self.bits not in (1, 2, 4, 8):
+            raise ValueError(f"KIVI: bits must be one of 1, 2, 4, 8, got {self.bits!r}")
+        if not (isinstance(self.group_size, int) and self.group_size >= 1):
+            raise ValueError(f"KIVI: group_size must be an int >= 1, got {self.group_size!r}")
+        if not (isinstance(self.residual_length, int) and self.residual_length >= 0
+                and self.residual_length % self.group_size == 0):
+            raise ValueError(f"KIVI: residual_length must be an int >= 0 and a multiple of group_size "
+                             f"({self.group_size}), got {self.residual_length!r}")
+
+    def new_layer(self, layer_idx: int, num_layers: int) -> KIVIStore:
+        return KIVIStore(self)
+
+    @staticmethod
+    def nominal_ratio(bits: int, group_size: int = 32, base_bits: int = 16) -> float:
+        """16-bit bytes / KIVI bytes per quantized element: bits codes + a 16-bit scale and zero per G."""
+        return base_bits / (bits + 2 * base_bits / group_size)
+
+    @classmethod
+    def from_ratio(cls, ratio: float) -> "KIVI":
+        """The most accurate bits whose nominal ratio (G = 32) reaches `ratio`.
+
+        Nominal ratios 16 / (b + 1): 8 bits 1.78x, 4 bits 3.2x, 2 bits 5.33x, 1 bit 8x. So ratio <= 1.78
+        -> 8 bits, <= 3.2 -> 4, <= 5.33 -> 2, <= 8 -> 1. The window of R fp16 tokens lowers the achieved
+        ratio on short prompts (at 4k tokens, R = 128 costs about 3% of the full cache).
+        """
+        if not (isinstance(ratio, (int, float)) and 1 <= ratio <= cls.nominal_ratio(1)):
+            raise ValueError(f"KIVI: ratio must be in [1, {cls.nominal_ratio(1):g}] (1-bit codes), got {ratio!r}")
+        bits = next(b for b in (8, 4, 2, 1) if cls.nominal_ratio(b) >= ratio)
+        return cls(bits=bits)

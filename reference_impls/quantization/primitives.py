@@ -1,0 +1,184 @@
+"""Quantization primitives shared by every KV-quantization method: three verbs, bit packing, a container.
+
+    scale, zero = choose_qparams(x, bits=b, dim=d, group_size=g)     # asymmetric min-max, per group
+    codes = quantize(x, scale, zero, bits=b, dim=d, group_size=g)     # uint8, 0 .. 2^b - 1, unpacked
+    x_hat = dequantize(codes, scale, zero, dim=d, group_size=g, dtype=torch.float16)
+    packed = pack(codes, b); codes = unpack(packed, b, n)            # 8 / b codes per byte, last dim
+
+A group is `group_size` consecutive elements along `dim`; the last group may be shorter. Within a group,
+with qmax = 2^b - 1 (arXiv 2402.02750 Eq. 1, the asymmetric round-to-nearest of KIVI and FlexGen):
+
+    zero  = min(x_group)                  scale = (max(x_group) - min(x_group)) / qmax
+    codes = clamp(round((x - zero) / scale), 0, qmax)        x_hat = zero + scale * codes
+
+so |x - x_hat| <= scale / 2 for every element (plus the rounding of scale/zero to their storage dtype).
+`zero` is a floating-point offset (the group minimum), not an integer zero-point as in torchao.
+
+Layout of scale/zero: x's shape with `dim` replaced by the number of groups, ceil(n / group_size). For
+keys/values (B, H_kv, T, D):
+
+    | granularity                   | dim | group_size | scale / zero shape  | used by                      |
+    |-------------------------------|-----|------------|---------------------|------------------------------|
+    | per-token                     | -1  | D          | (B, H_kv, T, 1)     | KIVI values, FlexGen (g = D) |
+    | per-token, groups of channels | -1  | g          | (B, H_kv, T, D / g) | FlexGen, KIVI values (g < D) |
+    | per-channel                   | -2  | T          | (B, H_kv, 1, D)     | KIVI keys (one group)        |
+    | per-channel, groups of tokens | -2  | g          | (B, H_kv, T / g, D) | KIVI keys                    |
+
+Scale and zero are computed in fp32 and stored in x's dtype (fp16 for an fp16 cache, as KIVI's code
+does); pass `dtype=` to choose_qparams to store them otherwise. quantize/choose_qparams accept any bits in
+1..8; `pack` accepts 1, 2, 4, 8 (a whole number of codes per byte).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["QuantizedTensor", "choose_qparams", "dequantize", "pack", "quantize", "unpack"]
+
+PACK_BITS = (1, 2, 4, 8)
+
+
+def _check(x: Tensor, bits: int, dim: int, group_size: int) -> int:
+    if not (isinstance(bits, int) and 1 <= bits <= 8):
+        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-d tensor, got {dim}")
+    if not (isinstance(group_size, int) and group_size >= 1):
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    return dim % x.dim()
+
+
+def _groups(x: Tensor, dim: int, group_size: int) -> Tensor:
+    """(.., n, ..) -> (..others, n_groups, group_size) in fp32; a ragged last group repeats its last element."""
+    g = x.float().movedim(dim, -1)
+    pad = -g.shape[-1] % group_size
+    if pad:  # repeating the last element keeps the ragged group's own min and max
+        g = torch.cat([g, g[..., -1:].expand(*g.shape[:-1], pad)], dim=-1)
+    return g.reshape(*g.shape[:-1], -1, group_size)
+
+
+def _ungroup(g: Tensor, dim: int, n: int) -> Tensor:
+    """Inverse of _groups: (..others, n_groups, group_size) -> (.., n, ..)."""
+    return g.flatten(-2)[..., :n].movedim(-1, dim)
+
+
+def choose_qparams(x: Tensor, *, bits: int, dim: int, group_size: int,
+                   dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """Asymmetric min-max (scale, zero) per group of `group_size` consecutive elements along `dim`.
+
+    x (..., n, ...) -> scale, zero (..., ceil(n / group_size), ...), stored in `dtype` (default x.dtype).
+    """
+    dim = _check(x, bits, dim, group_size)
+    g = _groups(x, dim, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / (2 ** bits - 1)
+    dtype = dtype or x.dtype
+    return scale.movedim(-1, dim).to(dtype).contiguous(), lo.movedim(-1, dim).to(dtype).contiguous()
+
+
+def quantize(x: Tensor, scale: Tensor, zero: Tensor, *, bits: int, dim: int, group_size: int) -> Tensor:
+    """Codes (uint8, same shape as x, values 0 .. 2^bits - 1) for the given per-group scale and zero."""
+    dim = _check(x, bits, dim, group_size)
+    s = scale.float().movedim(dim, -1)[..., None]  # (..others, n_groups, 1)
+    z = zero.float().movedim(dim, -1)[..., None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: every code 0, x_hat = zero exactly
+    q = ((_groups(x, dim, group_size) - z) / safe).round_().clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    return _ungroup(q, dim, x.shape[dim])
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, *, dim: int, group_size: int,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """x_hat = zero + scale * codes, per group, computed in fp32 and returned in `dtype`."""
+    dim = _check(codes, 1, dim, group_size)
+    s = scale.float().movedim(dim, -1)[..., None]
+    z = zero.float().movedim(dim, -1)[..., None]
+    return _ungroup(torch.addcmul(z, s, _groups(codes, dim, group_size)), dim, codes.shape[dim]).to(dtype)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack uint8 codes (< 2^bits) along the last dim, 8 // bits per byte, first code in the low bits.
+
+    (..., n) -> (..., ceil(n * bits / 8)) uint8; a ragged tail is padded with zero codes.
+    """
+    if bits not in PACK_BITS:
+        raise ValueError(f"bits must be one of {PACK_BITS} to pack, got {bits!r}")
+    if bits == 8:
+        return codes.to(torch.uint8)
+    per = 8 // bits
+    pad = -codes.shape[-1] % per
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).reshape(*codes.shape[:-1], -1, per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (per,)
+    c = c << shifts  # disjoint bit fields: OR them together
+    out = c[..., 0].clone()
+    for i in range(1, per):
+        out |= c[..., i]
+    return out
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of `pack`: (..., ceil(n * bits / 8)) uint8 -> (..., n) uint8 codes."""
+    if bits not in PACK_BITS:
+        raise ValueError(f"bits must be one of {PACK_BITS} to unpack, got {bits!r}")
+    per = 8 // bits
+    if packed.shape[-1] * per < n:
+        raise ValueError(f"n={n} codes need {-(-n // per)} bytes, got {packed.shape[-1]}")
+    if bits == 8:
+        return packed[..., :n]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed[..., None] >> shifts) & (2 ** bits - 1)  # (..., bytes, per)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor held as packed codes plus per-group scale and zero (the layout of choose_qparams).
+
+    `data` is packed along the last dim; `shape` is the original shape. `nbytes` counts every tensor held.
+    """
+
+    data: Tensor  # uint8 (..., ceil(shape[-1] * bits / 8))
+    scale: Tensor  # shape with `dim` -> n_groups
+    zero: Tensor
+    bits: int
+    dim: int
+    group_size: int
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_float(cls, x: Tensor, *, bits: int, dim: int, group_size: int,
+                   dtype: Optional[torch.dtype] = None) -> "QuantizedTensor":
+        """choose_qparams -> quantize -> pack, in one call; `dtype` is the storage dtype of scale/zero."""
+        scale, zero = choose_qparams(x, bits=bits, dim=dim, group_size=group_size, dtype=dtype)
+        codes = quantize(x, scale, zero, bits=bits, dim=dim, group_size=group_size)
+        return cls(pack(codes, bits), scale, zero, bits, dim % x.dim(), group_size, tuple(x.shape))
+
+    def codes(self) -> Tensor:
+        return unpack(self.data, self.bits, self.shape[-1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.codes(), self.scale, self.zero, dim=self.dim, group_size=self.group_size, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scale.nbytes + self.zero.nbytes
+
+    def cat(self, other: "QuantizedTensor", dim: int) -> "QuantizedTensor":
+        """Concatenate along `dim` (not the packed last dim). Along the group dim, self must end on a group edge."""
+        dim = dim % len(self.shape)
+        same = ("bits", "dim", "group_size")
+        if any(getattr(self, a) != getattr(other, a) for a in same):
+            raise ValueError(f"cat needs equal {same}, got {[getattr(self, a) for a in same]} and "
+                             f"{[getattr(other, a) for a in same]}")
+        if dim == len(self.shape) - 1:
+            raise ValueError("cat along the packed last dim is not supported")
+        if dim == self.dim and self.shape[dim] % self.group_size:
+            raise ValueError(f"cat along the group dim needs whole groups: {self.shape[dim]} % {self.group_size} != 0")
+        shape = list(self.shape)
+        shape[dim] += other.shape[dim]
+        return QuantizedTensor(torch.cat([self.data, other.data], dim), torch.cat([self.scale, other.scale], dim),
+                               torch.cat([self.zero, other.zero], dim), self.bits, self.dim, self.group_size,
+                               tuple(shape))
