@@ -1,0 +1,267 @@
+"""KVQuant: keys per channel before RoPE, values per token, on non-uniform levels fitted per layer, outliers sparse.
+
+Paper: Hooper, Kim, Mohammadzadeh, Mahoney, Shao, Keutzer, Gholami, "KVQuant: Towards 10 Million Context Length
+LLM Inference with KV Cache Quantization", arXiv 2401.18079 (NeurIPS 2024), Section 3: per-channel key
+quantization; pre-RoPE key quantization; nuqX, a per-layer non-uniform datatype (k-means centroids of
+normalized calibration activations); per-vector dense-and-sparse quantization (1% outliers kept in fp16);
+attention-sink-aware quantization (the first token kept in fp16 and left out of calibration).
+Official code: https://github.com/SqueezeAILab/KVQuant (`deployment/kvquant/simquant_module_quantizer.py`)
+Deviations: (1) the calibration set is the compressing pass itself (the prompt), not offline Wikitext-2: it
+fixes the layer's nuqX levels (one set for keys, one for values) and each row's per-channel key ranges.
+(2) Plain k-means, without the paper's Fisher-information weights (they need gradients). (3) A vector's
+outliers are its ceil(f n / 2) largest and smallest entries (the official `cap_outliers` count); a key
+channel's range then stays fixed and any later entry outside it is an outlier, as with the official offline
+thresholds. Outliers are flat int32 indices + exact values (the official kernels use CSR/CSC). (4) RoPE is
+undone by the store from `rope_theta` and the token positions (see `KVQuant`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from reference_impls.base import KVMethod, LayerStore, Step
+from reference_impls.quantization.primitives import pack, unpack
+
+__all__ = ["KVQuant", "KVQuantStore", "SparseRows", "apply_rope", "dense_range", "fit_levels", "kvquant_fake",
+           "normalize", "nuq_dequantize", "nuq_quantize", "pack_bits", "rope_cos_sin", "unpack_bits"]
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """Default (Llama) RoPE, computed in fp32 as transformers does: positions (..., T) -> cos, sin (..., T, D)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """x cos + rotate_half(x) sin; the inverse rotation flips the sign of sin (R(-a) R(a) = I)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + (-sin if inverse else sin) * torch.cat([-x2, x1], dim=-1)).to(x.dtype)
+
+
+def dense_range(x: Tensor, frac: float, dim: int, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per vector along `dim`: (lo, hi), min and max once its ceil(frac n / 2) largest and smallest are dropped.
+
+    Entries where `keep` is False (padding, sinks) are ignored and n counts the others; entries outside
+    [lo, hi] are the vector's outliers. lo, hi: x's shape and dtype with `dim` of size 1.
+    """
+    keep = torch.ones_like(x, dtype=torch.bool) if keep is None else keep.expand_as(x)
+    s = torch.where(keep, x.float(), float("inf")).movedim(dim, -1).sort(dim=-1).values  # kept entries first
+    n = keep.movedim(dim, -1).sum(-1, keepdim=True)
+    k = torch.minimum(torch.ceil(frac * n.double() / 2 - 1e-9).long(), (n - 1).clamp(min=0) // 2)
+    lo, hi = s.gather(-1, k.clamp(max=s.shape[-1] - 1)), s.gather(-1, (n - 1 - k).clamp(min=0))
+    lo, hi = torch.where(n > 0, lo, 0.0), torch.where(n > 0, hi, 0.0)  # nothing kept: an empty range
+    return lo.movedim(-1, dim).to(x.dtype), hi.movedim(-1, dim).to(x.dtype)
+
+
+def normalize(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Map each vector's dense range [lo, hi] onto [-1, 1] (the official code's zero point and range)."""
+    return (x.float() - (hi.float() + lo.float()) / 2) / ((hi.float() - lo.float()) / 2).clamp(min=1e-8)
+
+
+def fit_levels(x: Tensor, bits: int, iters: int = 30) -> Tensor:
+    """nuqX: 2^bits levels for a sample x in [-1, 1], by 1-D k-means (Lloyd) started at quantiles. fp32, sorted.
+
+    On sorted data each cluster is a run of samples: boundaries by binary search, sums by prefix sums.
+    """
+    x, n = x.double().flatten().sort().values, 2 ** bits
+    if x.numel() == 0:
+        return torch.linspace(-1, 1, n)
+    csum = torch.cat([x.new_zeros(1), x.cumsum(0)])
+    levels = x[((torch.arange(n) + 0.5) / n * x.numel()).long()]
+    for _ in range(iters):
+        mids = (levels[1:] + levels[:-1]) / 2  # a sample joins its nearest level (ties go to the lower one)
+        ends = torch.cat([x.new_zeros(1, dtype=torch.long), torch.searchsorted(x, mids, right=True),
+                          torch.tensor([x.numel()])])
+        counts = ends[1:] - ends[:-1]
+        sums = csum[ends[1:]] - csum[ends[:-1]]
+        levels = torch.where(counts > 0, sums / counts.clamp(min=1), levels).sort().values  # empty cluster: stays
+    return levels.float()
+
+
+def nuq_quantize(x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest level of each normalized entry -> (codes uint8, outlier mask: the entries outside [lo, hi])."""
+    codes = torch.bucketize(normalize(x, lo, hi).contiguous(), (levels[1:] + levels[:-1]) / 2)
+    return codes.to(torch.uint8), (x < lo) | (x > hi)
+
+
+def nuq_dequantize(codes: Tensor, lo: Tensor, hi: Tensor, levels: Tensor) -> Tensor:
+    """levels[codes] mapped back from [-1, 1] to each vector's range (fp32)."""
+    lo, hi = lo.float(), hi.float()
+    return levels[codes.long()] * ((hi - lo) / 2).clamp(min=1e-8) + (hi + lo) / 2
+
+
+def kvquant_fake(x: Tensor, *, bits: int, outlier_frac: float, dim: int, keep: Optional[Tensor] = None):
+    """The reference round trip of one tensor -> (x_hat, outlier mask, levels), outliers exact in x_hat.
+
+    x (B, H_kv, T, D); dim=2 (over tokens): per channel, as for pre-RoPE keys; dim=3: per token, as for values.
+    """
+    lo, hi = dense_range(x, outlier_frac, dim, keep)
+    dense = (x >= lo) & (x <= hi) & (True if keep is None else keep)
+    levels = fit_levels(normalize(x, lo, hi)[dense], bits)  # calibrated on the dense entries only
+    codes, out = nuq_quantize(x, lo, hi, levels)
+    return torch.where(out, x.float(), nuq_dequantize(codes, lo, hi, levels)).to(x.dtype), out, levels
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Any width 1..8 -> (..., ceil(n bits / 8)) uint8: primitives.pack for 1, 2, 4, 8; else bit planes."""
+    if 8 % bits == 0:
+        return pack(codes, bits)
+    planes = (codes[..., None] >> torch.arange(bits, dtype=torch.uint8, device=codes.device)) & 1
+    return pack(planes.flatten(-2), 1)
+
+
+def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    if 8 % bits == 0:
+        return unpack(packed, bits, n)
+    planes = unpack(packed, 1, n * bits).reshape(*packed.shape[:-1], n, bits)
+    return (planes << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8)
+
+
+class SparseRows:
+    """Sparse entries of a (B, H, T, D) tensor growing along T: flat time-major indices + their values."""
+
+    def __init__(self):
+        self.idx, self.val, self.rows = torch.zeros(0, dtype=torch.int32), None, 0
+
+    def add(self, x: Tensor, mask: Tensor) -> None:
+        """Append the next q tokens' entries x[mask]; x, mask (B, H, q, D)."""
+        flat, m = x.permute(2, 0, 1, 3).reshape(-1), mask.permute(2, 0, 1, 3).reshape(-1)
+        i = m.nonzero().squeeze(1)
+        new = i + self.rows * x[:, :, 0].numel()  # time-major: earlier tokens' indices never move
+        if new.numel() and int(new.max()) >= 2 ** 31:
+            self.idx = self.idx.long()
+        self.idx = torch.cat([self.idx.to(x.device), new.to(self.idx.dtype)])
+        self.val = flat[i] if self.val is None else torch.cat([self.val, flat[i]])
+        self.rows += x.shape[2]
+
+    def put(self, dense: Tensor, add: bool = False) -> Tensor:
+        """dense (B, H, T, D) with the sparse entries written over it (or added to it)."""
+        B, H, T, D = dense.shape
+        flat = dense.permute(2, 0, 1, 3).reshape(-1)
+        flat = flat.index_put((self.idx.long(),), self.val.to(dense.dtype), accumulate=add)
+        return flat.reshape(T, B, H, D).permute(1, 2, 0, 3)
+
+    def nbytes(self) -> int:
+        return self.idx.nbytes + (0 if self.val is None else self.val.nbytes)
+
+
+class KVQuantStore(LayerStore):
+    """Packed nuqX codes of pre-RoPE keys and of values, their ranges, the layer's levels, sparse outliers."""
+
+    def __init__(self, method: "KVQuant"):
+        self.m = method
+        self.kc = self.vc = None  # (B, H_kv, T, ceil(D bits / 8)) uint8 codes, packed along D
+        self.k_lo = self.k_hi = None  # (B, H_kv, 1, D) per-channel key range, fixed by the calibrating pass
+        self.v_lo = self.v_hi = None  # (B, H_kv, T, 1) per-token value range, computed online
+        self.levels_k = self.levels_v = None  # (2^bits,) fp32, this layer's nuqX datatypes
+        self.k_out, self.v_out = SparseRows(), SparseRows()  # outliers and sink tokens, exact
+        self.offset: Optional[Tensor] = None  # (B,) slot - position (left padding): rebuilds positions
+        self.k: Optional[Tensor] = None  # (B, H_kv, q, D) post-RoPE keys not quantized yet
+        self.v: Optional[Tensor] = None
+
+    def _rope(self, x: Tensor, start: int, inverse: bool) -> Tensor:
+        slots = torch.arange(start, start + x.shape[2], device=x.device)
+        cos, sin = rope_cos_sin((slots - self.offset[:, None])[:, None], x.shape[-1], self.m.rope_theta)
+        return apply_rope(x, cos, sin, inverse)
+
+    def append(self, k: Tensor, v: Tensor):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        if self.kc is None:
+            return self.k, self.v, None
+        D, b = k.shape[-1], self.m.bits
+        pre = self.k_out.put(nuq_dequantize(unpack_bits(self.kc, b, D), self.k_lo, self.k_hi, self.levels_k))
+        vals = self.v_out.put(nuq_dequantize(unpack_bits(self.vc, b, D), self.v_lo, self.v_hi, self.levels_v))
+        keys = self._rope(pre, 0, inverse=False).to(k.dtype)  # de-quantized pre-RoPE keys, rotated again
+        return torch.cat([keys, self.k], dim=2), torch.cat([vals.to(v.dtype), self.v], dim=2), None
+
+    def after_attention(self, step: Step) -> None:
+        m = self.m
+        if self.levels_k is None and not step.compress:
+            return  # nothing calibrated yet: stay in full precision until the compressing pass
+        if self.offset is None:
+            self.offset = step.token_slots()[:, 0, -1] - step.token_positions()[:, 0, -1]
+        t0, n = 0 if self.kc is None else self.kc.shape[2], self.k.shape[2]
+        pre = self._rope(self.k, t0, inverse=True)  # (B, H_kv, n, D) keys before RoPE
+        sink = (torch.arange(t0, t0 + n, device=pre.device) - self.offset[:, None] < m.n_sink)[:, None, :, None]
+        valid = step.valid[:, :, -n:, None]
+        keep = valid & ~sink  # calibrate on real tokens, sinks excluded
+        if self.levels_k is None:  # calibrating pass: per-channel key ranges, then both level sets
+            self.k_lo, self.k_hi = dense_range(pre, m.outlier_frac, 2, keep)
+            dense = keep & (pre >= self.k_lo) & (pre <= self.k_hi)
+            self.levels_k = fit_levels(normalize(pre, self.k_lo, self.k_hi)[dense], m.bits)
+        v_lo, v_hi = dense_range(self.v, m.outlier_frac, 3, keep)  # values: per token, online
+        if self.levels_v is None:
+            dense = keep & (self.v >= v_lo) & (self.v <= v_hi)
+            self.levels_v = fit_levels(normalize(self.v, v_lo, v_hi)[dense], m.bits)
+        kc, k_out = nuq_quantize(pre, self.k_lo, self.k_hi, self.levels_k)
+        vc, v_out = nuq_quantize(self.v, v_lo, v_hi, self.levels_v)
+        self.k_out.add(pre, (k_out | sink) & valid)  # padding is never attended: not kept
+        self.v_out.add(self.v, (v_out | sink) & valid)
+        cat = lambda old, new: new if old is None else torch.cat([old, new], dim=2)  # noqa: E731
+        self.kc, self.vc = cat(self.kc, pack_bits(kc, m.bits)), cat(self.vc, pack_bits(vc, m.bits))
+        self.v_lo, self.v_hi = cat(self.v_lo, v_lo), cat(self.v_hi, v_hi)
+        self.k = self.v = None
+
+    def nbytes(self) -> int:
+        held = (self.kc, self.vc, self.k_lo, self.k_hi, self.v_lo, self.v_hi, self.levels_k, self.levels_v,
+                self.offset, self.k, self.v)
+        return sum(t.nbytes for t in held if t is not None) + self.k_out.nbytes() + self.v_out.nbytes()
+
+
+@dataclass
+class KVQuant(KVMethod):
+    """nuq`bits` KV cache keeping a fraction `outlier_frac` of each vector exact; keys quantized before RoPE.
+
+    Args:
+        bits: code width, 1..8 (the paper evaluates 2, 3 and 4).
+        outlier_frac: fraction of each vector kept exact, in [0, 0.5) (paper: 0.01).
+        n_sink: first tokens kept exact and out of calibration (paper: 1; 0 turns it off).
+        rope_theta: the model's RoPE base (Llama-2: 1e4; the embedded SmolLM2: 1e5).
+
+    RoPE: the store receives post-RoPE keys and no rotary parameters, so it rebuilds cos/sin of the default
+    RoPE from `rope_theta`, the head size and `Step.token_positions()` (each row's real tokens counted from
+    0), rotates keys back before quantizing and forward again after de-quantizing. The two rotations are
+    exact inverses whatever theta is, so a wrong theta (or positions that differ from those the model used,
+    e.g. left padding without position_ids) only makes keys quantize worse, never moves a position.
+    Scaled RoPE variants (llama3, yarn ...) are not rebuilt.
+    """
+
+    bits: int = 3
+    outlier_frac: float = 0.01
+    n_sink: int = 1
+    rope_theta: float = 10000.0
+
+    name = "kvquant"
+
+    def __post_init__(self):
+        if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
+            raise ValueError(f"KVQuant: bits must be an int in 1..8, got {self.bits!r}")
+        if not (isinstance(self.outlier_frac, (int, float)) and 0 <= self.outlier_frac < 0.5):
+            raise ValueError(f"KVQuant: outlier_frac must be in [0, 0.5), got {self.outlier_frac!r}")
+        if not (isinstance(self.n_sink, int) and self.n_sink >= 0):
+            raise ValueError(f"KVQuant: n_sink must be an int >= 0, got {self.n_sink!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1):
+            raise ValueError(f"KVQuant: rope_theta must be a number > 1, got {self.rope_theta!r}")
+
+    def new_layer(self, layer_idx: int, num_layers: int) -> KVQuantStore:
+        return KVQuantStore(self)
+
+    @staticmethod
+    def nominal_ratio(bits: int) -> float:
+        """16-bit bytes over nuq`bits` bytes, counting about one more bit per element for the 1% outliers
+        (value + int32 index), the per-token value ranges and the sink."""
+        return 16 / (bits + 1)
+
+    @classmethod
+    def from_ratio(cls, ratio: float) -> "KVQuant":
+        """The most accurate of 8, 4, 3, 2 bits whose nominal ratio reaches `ratio` (1.78x, 3.2x, 4x, 5.33x)."""
+        if not (isinstance(ratio, (int, float)) and 1 <= ratio <= cls.nominal_ratio(2)):
+            raise ValueError(f"KVQuant: ratio must be in [1, {cls.nominal_ratio(2):g}] (2-bit codes), got {ratio!r}")
+        return cls(bits=next(b for b in (8, 4, 3, 2) if cls.nominal_ratio(b) >= ratio))

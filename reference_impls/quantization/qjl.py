@@ -1,0 +1,159 @@
+"""QJL: a key is kept as the signs of a random Gaussian projection plus its norm; scores are estimated unbiasedly.
+
+Paper: Zandieh, Daliri, Han, "QJL: 1-Bit Quantized JL Transform for KV Cache Quantization with Zero Overhead",
+arXiv 2406.03482 (AAAI 2025): the QJL map k -> sign(S k), S in R^{m x d} with i.i.d. N(0, 1) entries; the
+asymmetric estimator <q, k> ~ sqrt(pi/2) / m * ||k|| * <S q, sign(S k)>, unbiased, with distortion shrinking
+as m grows; outlier key channels sketched by a separate QJL; values quantized per token.
+Official code: https://github.com/amirzandieh/QJL (`models/llama3_utils_qjl.py`,
+`qjl_kernel/csrc/qjl_gqa_score_kernel.cu`)
+Deviations: (1) attention reads de-quantized keys k_hat = sqrt(pi/2) / m * ||k|| * S^T sign(S k), for which
+<q, k_hat> IS the paper's estimator (the same number, multiplied in another order). (2) S has i.i.d. Gaussian
+rows as in the paper's analysis; the official code orthogonalizes them (QR) by default and uses a larger
+sketch in the first 15 layers. (3) One rule for keys and values: tokens are quantized in whole blocks of
+`buffer_size`, the newest T mod buffer_size stay in full precision (the official code does this for keys
+and keeps exactly the newest buffer_size values). (4) S (m x D, shared by all layers, regenerated from
+`seed`) is not counted in nbytes, like a weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from reference_impls.base import KVMethod, LayerStore, Step
+from reference_impls.quantization.primitives import QuantizedTensor, pack, unpack
+
+__all__ = ["QJL", "QJLStore", "outlier_channels", "qjl_dequantize", "qjl_projection", "qjl_quantize", "qjl_scores"]
+
+
+def qjl_projection(dim: int, sketch_dim: int, seed: int) -> Tensor:
+    """S (sketch_dim, dim), i.i.d. N(0, 1), fp32, the same for a given seed on every machine."""
+    return torch.randn(sketch_dim, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def qjl_quantize(k: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """k (..., D) -> (signs (..., m) bool, True for +1, i.e. S k > 0; norms (...,) fp32)."""
+    return k.float() @ S.T.to(k.device) > 0, k.float().norm(dim=-1)
+
+
+def qjl_dequantize(signs: Tensor, norms: Tensor, S: Tensor) -> Tensor:
+    """k_hat (..., D) = sqrt(pi/2) / m * ||k|| * S^T sign(S k): <q, k_hat> is the estimator of <q, k>."""
+    pm = signs.float() * 2 - 1
+    return math.sqrt(math.pi / 2) / S.shape[0] * norms[..., None] * (pm @ S.to(signs.device))
+
+
+def qjl_scores(q: Tensor, signs: Tensor, norms: Tensor, S: Tensor) -> Tensor:
+    """The paper's estimator as written, q (..., n, D) against (..., T, m) signs -> (..., n, T)."""
+    sq = q.float() @ S.T.to(q.device)  # the query is projected, never quantized
+    return math.sqrt(math.pi / 2) / S.shape[0] * norms[..., None, :] * (sq @ (signs.float() * 2 - 1).transpose(-1, -2))
+
+
+def outlier_channels(k: Tensor, n_outliers: int, group_size: int) -> Tensor:
+    """Per group of `group_size` tokens, the n_outliers channels of largest L2 norm -> (B, H, T / G, n) int64."""
+    B, H, T, D = k.shape
+    return k.float().reshape(B, H, T // group_size, group_size, D).norm(dim=3).topk(n_outliers, dim=-1).indices
+
+
+class QJLStore(LayerStore):
+    """Sign sketches of inlier and outlier key channels + norms, per-token quantized values, full-precision tail."""
+
+    def __init__(self, method: "QJL"):
+        self.m = method
+        self.blocks: list[dict] = []  # one per quantized block of buffer_size tokens
+        self.k: Optional[Tensor] = None  # (B, H_kv, n, D) newest tokens, full precision, n < buffer_size
+        self.v: Optional[Tensor] = None
+
+    def _keys(self, b: dict, S: Tensor, S_out: Tensor, dtype) -> Tensor:
+        D = S.shape[1]
+        out = torch.zeros(*b["idx"].shape[:3], D, device=S.device).scatter_(-1, b["idx"].long(), 1.0)
+        out = out.repeat_interleave(self.m.group_size, dim=2)  # (B, H, T, D) 1 on the group's outlier channels
+        inl = qjl_dequantize(unpack(b["sign_in"], 1, S.shape[0]).bool(), b["norm_in"].float(), S)
+        outl = qjl_dequantize(unpack(b["sign_out"], 1, S_out.shape[0]).bool(), b["norm_out"].float(), S_out)
+        return (inl * (1 - out) + outl * out).to(dtype)  # each estimator sees only its own channels, as in the kernel
+
+    def append(self, k: Tensor, v: Tensor):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        if not self.blocks:
+            return self.k, self.v, None
+        S, S_out = self.m.projections(k.shape[-1], k.device)
+        keys = [self._keys(b, S, S_out, k.dtype) for b in self.blocks] + [self.k]
+        values = [b["v"].dequantize(v.dtype) for b in self.blocks] + [self.v]
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2), None
+
+    def after_attention(self, step: Step) -> None:
+        m, n = self.m, self.k.shape[2] - self.k.shape[2] % self.m.buffer_size
+        if n == 0:
+            return
+        k, v = self.k[:, :, :n], self.v[:, :, :n]
+        S, S_out = m.projections(k.shape[-1], k.device)
+        idx = outlier_channels(k, m.n_outliers, m.group_size)
+        out = torch.zeros_like(k, dtype=torch.bool).reshape(*idx.shape[:3], m.group_size, -1)
+        out = out.scatter_(-1, idx[:, :, :, None].expand(-1, -1, -1, m.group_size, -1), True).flatten(2, 3)
+        s_in, n_in = qjl_quantize(k.masked_fill(out, 0), S)  # inlier channels only
+        s_out, n_out = qjl_quantize(k.masked_fill(~out, 0), S_out)  # outlier channels, their own sketch
+        self.blocks.append(dict(sign_in=pack(s_in.to(torch.uint8), 1), sign_out=pack(s_out.to(torch.uint8), 1),
+                                norm_in=n_in.to(k.dtype), norm_out=n_out.to(k.dtype), idx=idx.to(torch.uint8),
+                                v=QuantizedTensor.from_float(v, bits=m.value_bits, dim=3, group_size=m.group_size)))
+        self.k, self.v = self.k[:, :, n:], self.v[:, :, n:]
+
+    def nbytes(self) -> int:
+        held = [t for b in self.blocks for t in b.values()] + [t for t in (self.k, self.v) if t is not None]
+        return sum(t.nbytes for t in held)
+
+
+@dataclass
+class QJL(KVMethod):
+    """QJL keys (1-bit sketches of size m + m_out per token, two norms) and `value_bits` per-token values.
+
+    Args:
+        sketch_dim: m, sign bits per key for the inlier channels, a multiple of 8 (official: 256 for d = 128).
+        outlier_sketch_dim: bits per key for the outlier channels, a multiple of 8, <= sketch_dim.
+        n_outliers: outlier channels per group of tokens (official: 8 of 128), in [0, D).
+        group_size: G, tokens per outlier group and channels per value group (official: 32).
+        value_bits: 1, 2, 4 or 8 (official: 2).
+        buffer_size: tokens quantized together; the newest T mod buffer_size stay full (official: 128).
+        seed: of the projection S.
+    """
+
+    sketch_dim: int = 128
+    outlier_sketch_dim: int = 64
+    n_outliers: int = 4
+    group_size: int = 32
+    value_bits: int = 2
+    buffer_size: int = 128
+    seed: int = 42
+
+    name = "qjl"
+
+    def __post_init__(self):
+        for f in ("sketch_dim", "outlier_sketch_dim"):
+            if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 8 and getattr(self, f) % 8 == 0):
+                raise ValueError(f"QJL: {f} must be a positive multiple of 8, got {getattr(self, f)!r}")
+        if self.outlier_sketch_dim > self.sketch_dim:
+            raise ValueError(f"QJL: outlier_sketch_dim must be <= sketch_dim ({self.sketch_dim}), got "
+                             f"{self.outlier_sketch_dim!r}")
+        if not (isinstance(self.n_outliers, int) and self.n_outliers >= 0):
+            raise ValueError(f"QJL: n_outliers must be an int >= 0, got {self.n_outliers!r}")
+        if not (isinstance(self.group_size, int) and self.group_size >= 1):
+            raise ValueError(f"QJL: group_size must be an int >= 1, got {self.group_size!r}")
+        if self.value_bits not in (1, 2, 4, 8):
+            raise ValueError(f"QJL: value_bits must be one of 1, 2, 4, 8, got {self.value_bits!r}")
+        if not (isinstance(self.buffer_size, int) and self.buffer_size >= 1
+                and self.buffer_size % self.group_size == 0):
+            raise ValueError(f"QJL: buffer_size must be a positive multiple of group_size ({self.group_size}), "
+                             f"got {self.buffer_size!r}")
+
+    def projections(self, dim: int, device) -> tuple[Tensor, Tensor]:
+        """(S, S_out): S (m, D) and its first m_out rows, which sketch the outlier channels (as the kernel does)."""
+        if not self.n_outliers < dim:
+            raise ValueError(f"QJL: n_outliers must be < head dim {dim}, got {self.n_outliers}")
+        S = qjl_projection(dim, self.sketch_dim, self.seed).to(device)
+        return S, S[: self.outlier_sketch_dim]
+
+    def new_layer(self, layer_idx: int, num_layers: int) -> QJLStore:
+        return QJLStore(self)

@@ -1,0 +1,155 @@
+"""ZipCache: salient tokens (high normalized attention) keep more bits; values use channel-separable quantization.
+
+Paper: He, Zhang, Wu, Liu, Zhou, Zhuang, "ZipCache: Accurate and Efficient KV Cache Quantization with Salient
+Token Identification", arXiv 2405.14256 (NeurIPS 2024): the normalized attention score (a token's accumulated
+attention divided by the number of queries that can see it, so early tokens are not favoured by the causal
+mask), mixed precision (salient tokens at high bits, the rest at low bits), channel-separable tokenwise
+quantization (channels divided by sqrt(max |x|), then one min-max range per token), probe tokens.
+Official code: https://github.com/ThisisBillhe/ZipCache (`zipcache/models/modeling_llama.py`,
+`zipcache/models/CompressUtils/compress_function.py`)
+Deviations: (1) the saliency uses every query of the compressing pass (the exact metric), not the probe
+tokens (5% recent + 5% random queries) the paper uses to stay compatible with FlashAttention. (2) Ranges
+per KV head: keys per (head, channel) over the set's tokens, values per (head, token) over D (the official
+code spans all heads). (3) Every row keeps round(salient_ratio T) salient tokens per head, padding counted
+in T and never salient. (4) Decoding blocks of `streaming_gap` tokens are scored with the attention of the
+step that completes them, as the official code does, normalized by the queries of that step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from reference_impls.base import KVMethod, LayerStore, Step
+from reference_impls.quantization.primitives import QuantizedTensor, pack, unpack
+
+__all__ = ["ZipCache", "ZipCacheStore", "normalized_attention", "zipcache_quantize", "zipcache_dequantize"]
+
+
+def normalized_attention(probs: Tensor, seen_by: Tensor, groups: int) -> Tensor:
+    """probs (B, H, q, T), seen_by (B, H_kv, T) queries that may attend each key -> (B, H_kv, T) scores.
+
+    Column sums over the step's queries and the G query heads of a KV head (summed, as the official code),
+    divided by how many queries see the token.
+    """
+    B, H, q, T = probs.shape
+    return probs.float().reshape(B, H // groups, groups, q, T).sum((2, 3)) / seen_by.clamp(min=1)
+
+
+def zipcache_quantize(k: Tensor, v: Tensor, salient: Tensor, *, high_bits: int, low_bits: int) -> dict:
+    """Mixed-precision block: salient tokens (B, H_kv, T) bool at high_bits, the others at low_bits.
+
+    Keys: per channel over each set's tokens. Values: channels divided by c = sqrt(max_t |v|), then one range
+    per token. Every head has the same number of salient tokens.
+    """
+    B, H, T, D = k.shape
+    order = torch.argsort((~salient).to(torch.uint8), dim=-1, stable=True)  # salient first, in time order
+    n = int(salient[0, 0].sum())
+    c = v.float().abs().amax(2, keepdim=True).sqrt().clamp(min=1e-6)  # (B, H, 1, D) channel scale
+    vn = (v.float() / c).to(v.dtype)
+    out = {"mask": pack(salient.to(torch.uint8), 1), "c": c.to(v.dtype)}
+    for tag, idx, bits in (("high", order[..., :n], high_bits), ("low", order[..., n:], low_bits)):
+        if idx.shape[-1]:
+            g = idx[..., None].expand(-1, -1, -1, D)
+            out["k_" + tag] = QuantizedTensor.from_float(k.gather(2, g), bits=bits, dim=2, group_size=idx.shape[-1])
+            out["v_" + tag] = QuantizedTensor.from_float(vn.gather(2, g), bits=bits, dim=3, group_size=D)
+    return out
+
+
+def zipcache_dequantize(block: dict, T: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The block's keys and values (B, H_kv, T, D), each token from its own set."""
+    salient = unpack(block["mask"], 1, T).bool()
+    order = torch.argsort((~salient).to(torch.uint8), dim=-1, stable=True)
+    parts_k = [block[t].dequantize() for t in ("k_high", "k_low") if t in block]
+    parts_v = [block[t].dequantize() for t in ("v_high", "v_low") if t in block]
+    g = order[..., None].expand(-1, -1, -1, parts_k[0].shape[-1])
+    k = torch.empty(g.shape, device=g.device).scatter_(2, g, torch.cat(parts_k, 2))
+    v = torch.empty(g.shape, device=g.device).scatter_(2, g, torch.cat(parts_v, 2)) * block["c"].float()
+    return k.to(dtype), v.to(dtype)
+
+
+class ZipCacheStore(LayerStore):
+    """Mixed-precision blocks (codes, scales, a 1-bit salient mask, channel scales) + a full-precision buffer."""
+
+    def __init__(self, method: "ZipCache"):
+        self.m = method
+        self.blocks: list[tuple[int, dict]] = []  # (tokens, block)
+        self.k: Optional[Tensor] = None  # (B, H_kv, n, D) newest tokens, full precision
+        self.v: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        parts = [zipcache_dequantize(b, T, k.dtype) for T, b in self.blocks]
+        keys = torch.cat([p[0] for p in parts] + [self.k], 2)
+        return keys, torch.cat([p[1] for p in parts] + [self.v], 2), None
+
+    def after_attention(self, step: Step) -> None:
+        m, n = self.m, self.k.shape[2]
+        if not (step.compress or (self.blocks and n >= m.streaming_gap)):
+            return  # the prompt is compressed at once, then every streaming_gap new tokens
+        T, q = step.keys.shape[2], step.q_len
+        if step.mask is not None:
+            seen_by = step.mask.sum(2)  # (B, H_kv, T)
+        else:  # dense causal: query j sees keys up to T - q + j
+            seen_by = torch.clamp(T - torch.arange(T, device=step.keys.device), max=q).expand(step.valid.shape)
+        groups = step.queries.shape[1] // step.keys.shape[1]
+        score = normalized_attention(step.probs(), seen_by, groups)[..., -n:]
+        score = score.masked_fill(~step.valid[..., -n:], float("-inf"))  # padding is never salient
+        top = score.topk(round(m.salient_ratio * n), dim=-1).indices
+        salient = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
+        self.blocks.append((n, zipcache_quantize(self.k, self.v, salient, high_bits=m.high_bits,
+                                                 low_bits=m.low_bits)))
+        self.k = self.v = None
+
+    def nbytes(self) -> int:
+        held = [t for _, b in self.blocks for t in b.values()] + [t for t in (self.k, self.v) if t is not None]
+        return sum(t.nbytes for t in held)
+
+
+@dataclass
+class ZipCache(KVMethod):
+    """A fraction `salient_ratio` of tokens (by normalized attention) at `high_bits`, the rest at `low_bits`.
+
+    Args:
+        salient_ratio: fraction of each head's tokens kept at high precision, in [0, 1] (official demo: 0.6).
+        high_bits, low_bits: 1, 2, 4 or 8, high >= low (official: 4 and 2).
+        streaming_gap: decoded tokens gathered in full precision before they are quantized (official: 100).
+    """
+
+    salient_ratio: float = 0.6
+    high_bits: int = 4
+    low_bits: int = 2
+    streaming_gap: int = 100
+
+    name = "zipcache"
+
+    def __post_init__(self):
+        if not (isinstance(self.salient_ratio, (int, float)) and 0 <= self.salient_ratio <= 1):
+            raise ValueError(f"ZipCache: salient_ratio must be in [0, 1], got {self.salient_ratio!r}")
+        for f in ("high_bits", "low_bits"):
+            if getattr(self, f) not in (1, 2, 4, 8):
+                raise ValueError(f"ZipCache: {f} must be one of 1, 2, 4, 8, got {getattr(self, f)!r}")
+        if self.high_bits < self.low_bits:
+            raise ValueError(f"ZipCache: high_bits must be >= low_bits ({self.low_bits}), got {self.high_bits!r}")
+        if not (isinstance(self.streaming_gap, int) and self.streaming_gap >= 1):
+            raise ValueError(f"ZipCache: streaming_gap must be an int >= 1, got {self.streaming_gap!r}")
+
+    def new_layer(self, layer_idx: int, num_layers: int) -> ZipCacheStore:
+        return ZipCacheStore(self)
+
+    @staticmethod
+    def nominal_ratio(salient_ratio: float, high_bits: int = 4, low_bits: int = 2) -> float:
+        """16-bit bytes over ZipCache bytes: the mean code width plus about one bit per element of ranges."""
+        return 16 / (salient_ratio * high_bits + (1 - salient_ratio) * low_bits + 1)
+
+    @classmethod
+    def from_ratio(cls, ratio: float) -> "ZipCache":
+        """4/2 bits with the salient ratio whose nominal ratio is `ratio`: 3.2x (all 4-bit) to 5.33x (all 2-bit)."""
+        lo, hi = cls.nominal_ratio(1.0), cls.nominal_ratio(0.0)
+        if not (isinstance(ratio, (int, float)) and lo <= ratio <= hi):
+            raise ValueError(f"ZipCache: ratio must be in [{lo:g}, {hi:.3g}] (4/2-bit mixes), got {ratio!r}")
+        return cls(salient_ratio=min(max((16 / ratio - 1 - 2) / 2, 0.0), 1.0))

@@ -1,0 +1,181 @@
+"""KVQuant (arXiv 2401.18079): pre-RoPE per-channel keys, nuqX levels, dense-and-sparse outliers."""
+
+import math
+
+import pytest
+import torch
+
+from reference_impls import Full, KVCache
+from reference_impls.base import Step
+from reference_impls.quantization.kvquant import (KVQuant, apply_rope, dense_range, fit_levels, kvquant_fake,
+                                                  pack_bits, rope_cos_sin, unpack_bits)
+
+
+def ids(n, seed=0):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def drive(store, k, v, chunks):
+    """Feed a store (k, v) chunk by chunk as the cache does, the first chunk being the compressing pass."""
+    t, outs = 0, []
+    for i, q in enumerate(chunks):
+        kk, vv, slots = store.append(k[:, :, t:t + q], v[:, :, t:t + q])
+        outs.append((kk, vv))
+        B, H, T, D = kk.shape
+        store.after_attention(Step(queries=torch.zeros(B, H, q, D), keys=kk, values=vv, slots=slots, mask=None,
+                                   valid=torch.ones(B, H, T, dtype=torch.bool), scaling=1.0, compress=i == 0,
+                                   layer_idx=0, num_layers=1, seen=t + q))
+        t += q
+    return outs
+
+
+@torch.no_grad()
+def test_undoing_rope_recovers_the_models_pre_rope_keys(tiny):
+    """Reference: the k_proj output of the model, captured by a hook, before transformers applies RoPE."""
+    seen = {}
+    hook = tiny.model.layers[1].self_attn.k_proj.register_forward_hook(lambda m, i, o: seen.update(k=o))
+    cache = KVCache(tiny, Full())
+    tiny(ids(37), cache=cache)
+    hook.remove()
+    post = cache.layers[1].store.k  # (1, 2, 37, 16), after RoPE
+    pre = seen["k"].view(1, 37, 2, 16).transpose(1, 2)
+    cos, sin = rope_cos_sin(torch.arange(37), 16, 10000.0)
+    assert torch.allclose(apply_rope(post, cos, sin, inverse=True), pre, atol=1e-5)
+    assert torch.allclose(apply_rope(pre, cos, sin), post, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim,frac", [(2, 0.1), (3, 0.1), (2, 0.01), (3, 0.0)])
+def test_outliers_are_exactly_each_vectors_tails_and_are_kept_exactly(dim, frac):
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(2, 3, 50, 16, generator=g) * torch.rand(1, 1, 1, 16, generator=g) * 3
+    x_hat, out, _ = kvquant_fake(x, bits=2, outlier_frac=frac, dim=dim)
+    n = x.shape[dim]
+    k = math.ceil(frac * n / 2)  # per tail, the official count
+    rank = x.argsort(dim=dim).argsort(dim=dim)  # 0 = smallest entry of its vector
+    expect = (rank < k) | (rank >= n - k)
+    assert torch.equal(out, expect)
+    assert int(out.sum()) == 2 * k * x.numel() // n
+    assert torch.equal(x_hat[out], x[out])  # bit-exact
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_non_outliers_are_the_nearest_level_and_within_the_bound(bits):
+    x = torch.randn(1, 2, 200, 8, generator=torch.Generator().manual_seed(bits))
+    x_hat, out, levels = kvquant_fake(x, bits=bits, outlier_frac=0.02, dim=2)
+    lo, hi = dense_range(x, 0.02, 2)
+    half = (hi - lo) / 2
+    xn = (x - (hi + lo) / 2) / half  # brute force: the nearest of the 2^bits levels
+    nearest = levels[(xn[..., None] - levels).abs().argmin(-1)] * half + (hi + lo) / 2
+    assert torch.allclose(x_hat[~out], nearest[~out], atol=1e-5)
+    gap = max(float(levels[0] + 1), float(1 - levels[-1]), float((levels[1:] - levels[:-1]).max()) / 2)
+    assert ((x - x_hat).abs() <= gap * half + 1e-5).all()  # no dense entry farther than half a level gap
+
+
+def test_kmeans_levels_beat_a_uniform_grid_on_bell_shaped_data():
+    x = (torch.randn(20000, generator=torch.Generator().manual_seed(0)) / 2.5).clamp(-1, 1)
+    for bits in (2, 3):
+        nuq, uni = fit_levels(x, bits), torch.linspace(-1, 1, 2 ** bits)
+        err = lambda lv: ((x[:, None] - lv).abs().min(-1).values ** 2).mean()  # noqa: E731
+        assert err(nuq) < 0.8 * err(uni)
+
+
+def test_any_width_packs_into_ceil_n_bits_over_8_bytes():
+    c = torch.randint(0, 8, (2, 3, 5, 17), dtype=torch.uint8)
+    p = pack_bits(c, 3)
+    assert p.shape == (2, 3, 5, math.ceil(17 * 3 / 8)) and torch.equal(unpack_bits(p, 3, 17), c)
+
+
+@torch.no_grad()
+def test_store_equals_the_reference_on_pre_rope_keys_and_counts_its_bytes():
+    g = torch.Generator().manual_seed(1)
+    B, H, T, D, bits, theta = 2, 2, 40, 16, 3, 500.0
+    pre, v = torch.randn(B, H, T + 1, D, generator=g), torch.randn(B, H, T + 1, D, generator=g)
+    pre[..., 3] *= 8  # an outlier channel
+    cos, sin = rope_cos_sin(torch.arange(T + 1), D, theta)
+    k = apply_rope(pre, cos, sin)
+    store = KVQuant(bits=bits, outlier_frac=0.05, n_sink=2, rope_theta=theta).new_layer(0, 1)
+    (k0, v0), (k1, v1) = drive(store, k, v, [T, 1])
+    assert torch.equal(k0, k[:, :, :T]) and torch.equal(v0, v[:, :, :T])  # prefill attention is exact
+    keep = (torch.arange(T) >= 2)[None, None, :, None]  # sinks stay out of calibration
+    ref_k, _, _ = kvquant_fake(pre[:, :, :T], bits=bits, outlier_frac=0.05, dim=2, keep=keep)
+    ref_v, _, _ = kvquant_fake(v[:, :, :T], bits=bits, outlier_frac=0.05, dim=3, keep=keep)
+    ref_k[:, :, :2], ref_v[:, :, :2] = pre[:, :, :2], v[:, :, :2]  # sinks exact
+    assert torch.allclose(apply_rope(k1[:, :, :T], cos[:T], sin[:T], inverse=True), ref_k, atol=1e-5)
+    assert torch.allclose(v1[:, :, :T], ref_v, atol=1e-5)
+    assert torch.equal(k1[:, :, T:], k[:, :, T:])  # the new token: full precision
+    n_out = store.k_out.idx.numel() + store.v_out.idx.numel()
+    expect = (2 * B * H * (T + 1) * math.ceil(D * bits / 8)  # packed codes
+              + 2 * B * H * D * 4 + 2 * B * H * (T + 1) * 4  # key ranges per channel, value ranges per token
+              + 2 * 2 ** bits * 4 + B * 8 + n_out * (4 + 4))  # levels, row offsets, outliers (int32 + fp32)
+    assert store.nbytes() == expect
+
+
+@torch.no_grad()
+def test_a_later_key_outside_the_calibrated_channel_range_is_kept_exactly():
+    g = torch.Generator().manual_seed(2)
+    pre, v = torch.randn(1, 1, 31, 8, generator=g), torch.randn(1, 1, 31, 8, generator=g)
+    pre[0, 0, 30, 5] = 50.0  # the decoded token, far outside channel 5's prompt range
+    cos, sin = rope_cos_sin(torch.arange(31), 8, 1e4)
+    store = KVQuant(bits=2, n_sink=0).new_layer(0, 1)
+    drive(store, apply_rope(pre, cos, sin), v, [30, 1])
+    before = store.k_out.idx.numel()
+    keys, _, _ = store.append(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8))
+    back = apply_rope(keys[:, :, :31], cos, sin, inverse=True)
+    assert abs(float(back[0, 0, 30, 5]) - 50.0) < 1e-4 and before > 0
+
+
+@torch.no_grad()
+def test_prefill_is_exact_and_decoding_converges_to_full_as_bits_grow(tiny):
+    x = ids(48, seed=3)
+    full = KVCache(tiny, Full())
+    ref = tiny(x, cache=full).logits
+    ref_next = tiny(torch.tensor([[9]]), cache=full).logits
+    errs = []
+    for bits in (2, 4, 8):
+        cache = KVCache(tiny, KVQuant(bits=bits))
+        assert torch.equal(tiny(x, cache=cache).logits, ref)
+        errs.append(float((tiny(torch.tensor([[9]]), cache=cache).logits - ref_next).abs().max()))
+        assert cache.nbytes() < full.nbytes()
+    assert errs[2] < errs[1] < errs[0] < 0.5 and errs[2] < 1e-3
+
+
+@torch.no_grad()
+def test_left_padded_rows_decode_like_the_full_cache(tiny):
+    a, b = ids(30, seed=5), ids(22, seed=6)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :8] = 0
+    outs = []
+    for method in (Full(), KVQuant(bits=8)):
+        c = KVCache(tiny, method)
+        tiny(batch, attention_mask=mask, cache=c)
+        m2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        outs.append(tiny(torch.tensor([[11], [11]]), attention_mask=m2, cache=c).logits)
+    assert torch.allclose(outs[0], outs[1], atol=2e-3)
+
+
+def test_bad_parameters_are_rejected():
+    with pytest.raises(ValueError, match="bits"):
+        KVQuant(bits=0)
+    with pytest.raises(ValueError, match="outlier_frac"):
+        KVQuant(outlier_frac=0.5)
+    with pytest.raises(ValueError, match="n_sink"):
+        KVQuant(n_sink=-1)
+    with pytest.raises(ValueError, match="rope_theta"):
+        KVQuant(rope_theta=0)
+    with pytest.raises(ValueError, match="ratio"):
+        KVQuant.from_ratio(6)
+    assert KVQuant.from_ratio(4).bits == 3 and KVQuant.from_ratio(3).bits == 4 and KVQuant.from_ratio(1).bits == 8
+
+
+@pytest.mark.slow
+def test_achieved_ratio_and_answer_on_the_embedded_model(smollm):
+    from reference_impls import run_sample
+    from reference_impls.data import passkey_samples
+
+    model, tok = smollm
+    s = passkey_samples(1, 800, seed=1, tokenizer=tok)[0]
+    r = run_sample(model, tok, KVQuant(bits=4, rope_theta=1e5), s["context"], s["question"], max_new_tokens=8,
+                   answer_prefix=s["answer_prefix"])
+    assert s["answer"] in r["answer"]
+    assert r["achieved_ratio"] > 5  # fp32 cache on CPU: 32 / (4 + overheads)
