@@ -4,7 +4,7 @@ export NO_MKDOCS_2_WARNING := 1
 export DISABLE_MKDOCS_2_WARNING := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast docs site serve contract clean
+.PHONY: install test test-fast docs docs-quick site serve contract clean
 
 install:
 	@bash scripts/install.sh
@@ -20,6 +20,12 @@ docs: install           ## strict build: executes every notebook on the embedded
 	$(VENV)/kvatlas schema --check
 	rm -rf .cache/mkdocs-jupyter
 	$(VENV)/mkdocs build --strict
+	$(VENV)/python scripts/check_site.py site
+
+docs-quick: install     ## strict build without executing the notebooks (CI: keeps it under 30 minutes)
+	$(VENV)/kvatlas validate
+	$(VENV)/kvatlas schema --check
+	KVATLAS_EXECUTE_NOTEBOOKS=false $(VENV)/mkdocs build --strict
 	$(VENV)/python scripts/check_site.py site
 
 site: docs serve        ## build, then serve at http://127.0.0.1:8000
