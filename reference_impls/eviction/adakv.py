@@ -92,8 +92,11 @@ class AdaKV(EvictionMethod):
     def from_ratio(cls, ratio: float) -> "AdaKV":
         return cls(ratio=ratio, scorer=SnapKV(ratio=ratio))
 
-    def score(self, step: Step) -> Tensor:
-        return self.scorer.score(step)
+    def observe(self, step: Step, history: Optional[Tensor]) -> Optional[Tensor]:
+        return self.scorer.observe(step, history)
+
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
+        return self.scorer.score(step, history, budget)
 
     def keep_counts(self, scores: Tensor, row_budget: Tensor) -> Tensor:
         return adakv_counts(scores, row_budget, self.alpha)

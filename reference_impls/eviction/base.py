@@ -1,7 +1,10 @@
 """Shared machinery of token eviction: a method scores tokens, this file keeps the top ones.
 
-An eviction method is a dataclass with one `score(step)` hook returning (B, H_kv, T) scores, higher =
-keep. `EvictingStore` turns scores into kept tokens: per row a budget (from the target ratio, or an
+An eviction method is a dataclass with one `score(step, history, budget)` hook returning (B, H_kv, T)
+scores, higher = keep. Methods whose scores build up over steps (H2O's accumulated attention,
+Scissorhands' counts) also define `observe(step, history)`: it returns a per-key statistic that the store
+keeps aligned with the held tokens (gathered on every eviction, counted in nbytes) and hands back on the
+next step, so no method needs a store class of its own and wrappers work over stateful scorers too. `EvictingStore` turns scores into kept tokens: per row a budget (from the target ratio, or an
 absolute token count), per head a count (uniform by default; budget policies such as Ada-KV override
 `keep_counts`, per-layer schedules such as PyramidKV override `layer_budget`), then top-k and gather.
 Kept tokens stay in time order with their post-RoPE keys, so their positions never change.
@@ -65,8 +68,20 @@ class EvictionMethod(KVMethod):
     def from_ratio(cls, ratio: float) -> "EvictionMethod":
         return cls(ratio=ratio)
 
-    def score(self, step: Step) -> Tensor:
-        """(B, H_kv, T) importance of each key in `step.keys`; higher = keep."""
+    def observe(self, step: Step, history: Optional[Tensor]) -> Optional[Tensor]:
+        """A running per-key statistic carried between steps; None (the default) for stateless scores.
+
+        history (B, H_kv, T_held): what this returned on the previous step, for the keys still held, in
+        the order of `step.keys` (0 at empty slots); None on the first step. `step.keys` holds those
+        T_held keys followed by this step's q new ones. Returns (B, H_kv, T_held + q).
+        """
+        return None
+
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
+        """(B, H_kv, T) importance of each key in `step.keys`; higher = keep.
+
+        history: this step's `observe` result (or None); budget (B,): tokens each row keeps in this layer.
+        """
         raise NotImplementedError
 
     def layer_budget(self, n_real: Tensor, layer_idx: int, num_layers: int) -> Tensor:
@@ -91,6 +106,7 @@ class EvictingStore(DenseStore):
         self.method, self.layer_idx, self.num_layers = method, layer_idx, num_layers
         self.slots: Optional[Tensor] = None  # (B, H_kv, T) int32; None until the first eviction
         self.row_budget: Optional[Tensor] = None  # (B,) set by the compressing pass
+        self.history: Optional[Tensor] = None  # (B, H_kv, T) the method's running statistic, if it keeps one
         self.seen = 0
 
     def append(self, k: Tensor, v: Tensor):
@@ -106,6 +122,8 @@ class EvictingStore(DenseStore):
         return None if self.slots is None else self.slots.long()
 
     def after_attention(self, step: Step) -> None:
+        history = self.method.observe(step, self.history)
+        self.history = history
         if step.compress:
             self.row_budget = self.method.layer_budget(step.n_real(), self.layer_idx, self.num_layers)
         elif not (self.method.evict_while_decoding and self.row_budget is not None):
@@ -113,13 +131,15 @@ class EvictingStore(DenseStore):
         n_valid = step.valid.sum(-1)  # (B, H_kv)
         if bool((n_valid <= self.row_budget[:, None]).all()) and bool(step.valid.all()):
             return  # within budget and nothing to tidy: keep everything (bit-identical to full)
-        scores = self.method.score(step).float().masked_fill(~step.valid, float("-inf"))
+        scores = self.method.score(step, history, self.row_budget).float().masked_fill(~step.valid, float("-inf"))
         counts = torch.minimum(self.method.keep_counts(scores, self.row_budget), n_valid)
         idx, hole = keep_top(scores, counts)
         gather = idx[..., None].expand(-1, -1, -1, self.k.shape[-1])
         self.k = torch.gather(self.k, 2, gather)
         self.v = torch.gather(self.v, 2, gather)
         self.slots = torch.where(hole, -1, torch.gather(step.token_slots(), 2, idx)).to(torch.int32)
+        if history is not None:
+            self.history = torch.gather(history, 2, idx).masked_fill(hole, 0)
 
     def nbytes(self) -> int:
-        return super().nbytes() + (0 if self.slots is None else self.slots.nbytes)
+        return super().nbytes() + sum(t.nbytes for t in (self.slots, self.history) if t is not None)

@@ -10,7 +10,7 @@ Deviations: (1) GQA: the official code is for multi-head attention; we store one
 average the accumulated scores of the G query heads of each group (kvpress's ObservedAttentionPress also
 averages within the group). (2) The budget is round(n / ratio) tokens per head at the compressing pass (the
 benchmark seed, arXiv 2407.01527, sets heavy_ratio = recent_ratio = budget / 2n); it then stays fixed, so
-each decoded token evicts one token. (3) The extra state (an fp32 score per kept token) is counted in nbytes.
+each decoded token evicts one token. (3) The extra state (an fp32 score per kept token, `observe`) is counted in nbytes.
 (4) kvpress's ObservedAttentionPress is H2O's score at the prefill only, divided by the number of queries that
 saw each key, without a recent window; kvpress cannot run beside transformers 5.x, so no fixture is compared.
 """
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference_impls.base import Step
-from reference_impls.eviction.base import EvictingStore, EvictionMethod
+from reference_impls.eviction.base import EvictionMethod
 
-__all__ = ["H2O", "H2OStore", "h2o_accumulate", "h2o_scores"]
+__all__ = ["H2O", "h2o_accumulate", "h2o_scores"]
 
 
 def h2o_accumulate(acc: Optional[Tensor], probs: Tensor, num_kv_heads: int, q_real: Optional[Tensor] = None) -> Tensor:
@@ -57,33 +57,6 @@ def h2o_scores(acc: Tensor, positions: Tensor, n_real: Tensor, n_recent: Tensor)
     return torch.where(recent, top + positions.to(acc.dtype), acc).masked_fill(positions < 0, float("-inf"))
 
 
-class H2OStore(EvictingStore):
-    """EvictingStore that also holds each kept token's accumulated attention `acc` (B, H_kv, T) fp32."""
-
-    def __init__(self, method: "H2O", layer_idx: int, num_layers: int):
-        super().__init__(method, layer_idx, num_layers)
-        self.acc: Optional[Tensor] = None
-
-    def after_attention(self, step: Step) -> None:
-        B, H_kv, T, _ = step.keys.shape
-        q_real = None if step.pad_valid is None else step.pad_valid[:, step.seen - step.q_len:]
-        acc = h2o_accumulate(self.acc, step.probs(), H_kv, q_real).masked_fill(~step.valid, 0.0)
-        budget = self.method.layer_budget(step.n_real(), self.layer_idx, self.num_layers) if step.compress \
-            else self.row_budget
-        # The base class asks the method for scores with the step only; the store's state rides on the step.
-        step.h2o_acc, step.h2o_budget = acc, budget
-        super().after_attention(step)
-        # follow the kept tokens: look each kept slot up among this step's slots
-        slots = step.token_slots()
-        by_slot = torch.zeros(B, H_kv, step.seen + 1, dtype=acc.dtype, device=acc.device)
-        by_slot.scatter_(2, torch.where(slots >= 0, slots, step.seen), acc)  # holes -> a spare column
-        kept = self.kept_slots()
-        self.acc = acc if kept is None else torch.where(kept >= 0, torch.gather(by_slot, 2, kept.clamp(min=0)), 0.0)
-
-    def nbytes(self) -> int:
-        return super().nbytes() + (0 if self.acc is None else self.acc.nbytes)
-
-
 @dataclass
 class H2O(EvictionMethod):
     """Heavy hitters + recent window; evicts while decoding too (one token per step once over budget).
@@ -104,10 +77,11 @@ class H2O(EvictionMethod):
         if not (isinstance(self.heavy_fraction, (int, float)) and 0 <= self.heavy_fraction <= 1):
             raise ValueError(f"H2O: heavy_fraction must be a number in [0, 1], got {self.heavy_fraction!r}")
 
-    def new_layer(self, layer_idx: int, num_layers: int) -> H2OStore:
-        return H2OStore(self, layer_idx, num_layers)
+    def observe(self, step: Step, history: Optional[Tensor]) -> Tensor:
+        """The accumulated attention of every held key, this step's queries included (Alg. 1)."""
+        q_real = None if step.pad_valid is None else step.pad_valid[:, step.seen - step.q_len:]
+        return h2o_accumulate(history, step.probs(), step.keys.shape[1], q_real).masked_fill(~step.valid, 0.0)
 
-    def score(self, step: Step) -> Tensor:
-        budget = step.h2o_budget  # (B,) this row's budget, fixed at the compressing pass
-        n_recent = budget - (budget.double() * self.heavy_fraction).round().long()
-        return h2o_scores(step.h2o_acc, step.token_positions(), step.n_real(), n_recent)
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
+        n_recent = budget - (budget.double() * self.heavy_fraction).round().long()  # budget fixed at compression
+        return h2o_scores(history, step.token_positions(), step.n_real(), n_recent)

@@ -49,5 +49,5 @@ class KeyDiff(EvictionMethod):
 
     name = "keydiff"
 
-    def score(self, step: Step) -> Tensor:
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         return keydiff_scores(step.keys, step.valid)

@@ -17,6 +17,7 @@ code stores them sorted by norm, which changes nothing after RoPE). kvpress cann
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import Tensor
 
@@ -42,5 +43,5 @@ class KNorm(EvictionMethod):
 
     name = "knorm"
 
-    def score(self, step: Step) -> Tensor:
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         return knorm_scores(step.keys)

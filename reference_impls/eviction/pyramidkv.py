@@ -89,8 +89,11 @@ class PyramidKV(EvictionMethod):
     def from_ratio(cls, ratio: float) -> "PyramidKV":
         return cls(ratio=ratio, scorer=SnapKV(ratio=ratio))
 
-    def score(self, step: Step) -> Tensor:
-        return self.scorer.score(step)
+    def observe(self, step: Step, history: Optional[Tensor]) -> Optional[Tensor]:
+        return self.scorer.observe(step, history)
+
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
+        return self.scorer.score(step, history, budget)
 
     def layer_budget(self, n_real: Tensor, layer_idx: int, num_layers: int) -> Tensor:
         uniform = torch.minimum(super().layer_budget(n_real, layer_idx, num_layers), n_real)

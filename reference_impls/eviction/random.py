@@ -10,6 +10,7 @@ kvpress draws fresh scores from torch's global generator per call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -50,5 +51,5 @@ class RandomEviction(EvictionMethod):
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ValueError(f"RandomEviction: seed must be an int >= 0, got {self.seed!r}")
 
-    def score(self, step: Step) -> Tensor:
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         return random_scores(step.token_positions(), self.seed, step.layer_idx)

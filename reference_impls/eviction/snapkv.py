@@ -77,7 +77,7 @@ class SnapKV(EvictionMethod):
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"SnapKV: pooling must be 'avg' or 'max', got {self.pooling!r}")
 
-    def score(self, step: Step) -> Tensor:
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         B, H_kv, T, _ = step.keys.shape
         w = min(self.window, step.q_len)
         pos = step.token_positions()  # (B, H_kv, T), -1 for holes; padding-free positions

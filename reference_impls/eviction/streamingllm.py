@@ -13,6 +13,7 @@ that); (3) the budget is round(n / ratio) tokens, sinks included, as in the benc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -52,5 +53,5 @@ class StreamingLLM(EvictionMethod):
         if not (isinstance(self.n_sink, int) and self.n_sink >= 0):
             raise ValueError(f"StreamingLLM: n_sink must be an int >= 0, got {self.n_sink!r}")
 
-    def score(self, step: Step) -> Tensor:
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         return streaming_scores(step.token_positions(), self.n_sink)

@@ -50,6 +50,6 @@ class TOVA(EvictionMethod):
     name = "tova"
     evict_while_decoding = True
 
-    def score(self, step: Step) -> Tensor:
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         mask = None if step.mask is None else step.mask[:, :, -1:]  # under left padding the last query is real
         return tova_scores(step.queries[:, :, -1:], step.keys, step.scaling, mask)
