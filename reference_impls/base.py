@@ -20,7 +20,7 @@ true sequence length (the integration module's cache reports tokens *seen*, not 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -65,6 +65,9 @@ class Step:
     num_layers: int
     seen: int  # tokens seen by this layer, including this step's
     pad_valid: Optional[Tensor] = None  # (B, seen) bool: False at left-padding positions; None = no padding
+    #: the model's own rotary embedding: positions (B, T) int -> (cos, sin), each (B, T, D) fp32, as the
+    #: model applied it (scaling variants included); None when the model has none the cache could find
+    rope: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
     _probs: Optional[Tensor] = field(default=None, repr=False)
 
     @property

@@ -108,6 +108,8 @@ class KVCache(Cache):
         self.num_layers = config.num_hidden_layers
         self.method = method
         super().__init__(layers=[_Layer(method.new_layer(i, self.num_layers)) for i in range(self.num_layers)])
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+        self._rotary = getattr(decoder, "rotary_emb", None)  # Llama/Qwen/Mistral-style RoPE module
         self.compress_next = True
         self.pad_valid: Optional[Tensor] = None  # (B, seen) bool, like the 2D attention mask
         self.compressed_at: Optional[int] = None  # tokens seen when the armed pass ended
@@ -136,6 +138,11 @@ class KVCache(Cache):
         """Bytes a full cache would hold for the tokens seen: 2 * L * B * H_kv * T * D * itemsize."""
         return sum(layer.full_bytes for layer in self.layers)
 
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """The model's (cos, sin) for positions (B, T), fp32, (B, T, D): what its attention layers applied."""
+        x = torch.empty(0, dtype=torch.float32, device=positions.device)
+        return self._rotary(x, positions)
+
     # called by the attention function -------------------------------------------------------------
     def _attend(self, module, query: Tensor, hf_mask: Optional[Tensor], scaling: float) -> Tensor:
         layer_idx = module.layer_idx
@@ -162,7 +169,8 @@ class KVCache(Cache):
         out = _sdpa(query, k, v, mask, scaling)
         step = Step(queries=query, keys=k, values=v, slots=slots, mask=mask, valid=valid, scaling=scaling,
                     compress=self.compress_next, layer_idx=layer_idx, num_layers=self.num_layers, seen=layer.seen,
-                    pad_valid=self.pad_valid if padded else None)
+                    pad_valid=self.pad_valid if padded else None,
+                    rope=self.rope if self._rotary is not None else None)
         layer.store.after_attention(step)
         if layer_idx == self.num_layers - 1 and self.compress_next:
             self.compress_next = False
@@ -371,7 +379,8 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord) -> KVCache
         B, H_kv = k.shape[:2]
         step = Step(queries=record.queries[i], keys=kk, values=vv, slots=slots, mask=None,
                     valid=torch.ones(B, H_kv, kk.shape[2], dtype=torch.bool, device=k.device),
-                    scaling=record.scaling, compress=True, layer_idx=i, num_layers=cache.num_layers, seen=q_len)
+                    scaling=record.scaling, compress=True, layer_idx=i, num_layers=cache.num_layers, seen=q_len,
+                    rope=cache.rope if cache._rotary is not None else None)
         layer.store.after_attention(step)
     cache.pad_valid = torch.ones(record.keys[0].shape[0], record.keys[0].shape[2], dtype=torch.bool,
                                  device=record.keys[0].device)
