@@ -1,0 +1,22 @@
+import json
+
+from reference_impls.report import show_evidence
+
+
+def test_show_evidence_prints_summary_and_full_baseline(tmp_path, capsys):
+    summary = [{"setting": "query-aware", "target_ratio": 2.0, "achieved_ratio": 1.98, "n": 30, "accuracy": 0.5,
+                "prefill_s": 1.0, "decode_tokens_per_s": 12.0}]
+    cfg = {"samples": 30, "tokens": 1500}
+    (tmp_path / "m.json").write_text(json.dumps({"config": cfg, "summary": summary, "rows": []}))
+    full = [dict(summary[0], target_ratio=1.0, achieved_ratio=1.0, accuracy=1.0)]
+    (tmp_path / "full.json").write_text(json.dumps({"config": cfg, "summary": full, "rows": []}))
+    data = show_evidence(tmp_path / "m.json", "t", baseline=str(tmp_path / "full.json"), plot=False)
+    out = capsys.readouterr().out
+    assert data["summary"] == summary
+    assert "query-aware           2     1.98  30     0.50" in out
+    assert "full cache on the same prompts: query-aware 1.00" in out
+
+
+def test_show_evidence_missing_file_names_the_command(tmp_path, capsys):
+    assert show_evidence("results/eviction/nonexistent.json", "t", plot=False) is None
+    assert "scripts/eviction_evidence.py --methods nonexistent" in capsys.readouterr().out
