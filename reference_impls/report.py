@@ -1,7 +1,6 @@
 """Evidence tables and plots for the notebooks: one function, so every method page reads its results alike.
 
-The evidence files are written by `scripts/eviction_evidence.py` / `scripts/quantization_evidence.py`
-(`results/<family>/<method>.json`: config, per-(setting, target ratio) summary, one row per prompt).
+The evidence files are written by `scripts/evidence.py` (`results/<family>/<method>.json`: config, per-(setting, target ratio) summary, one row per prompt).
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ def show_evidence(path: Union[str, Path], title: str, baseline: Optional[str] = 
     """
     p = _find(path)
     if not p.exists():
-        family = Path(path).parent.name
-        print(f"{path} not found: run scripts/{family}_evidence.py --methods {Path(path).stem}")
+        print(f"{path} not found: run scripts/evidence.py --methods {Path(path).stem}")
         return None
     data = json.loads(p.read_text())
     cfg = data["config"]

@@ -246,8 +246,8 @@ if summary_rows:
         lb.append(f"* `results/{fam}/`: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     lb.append("")
 else:
-    lb += ["No results yet: run `python scripts/eviction_evidence.py --methods <ids>`.", ""]
-lb += ["Reproduce: `python scripts/eviction_evidence.py --methods <id,...> --samples 30 --tokens 1500` "
+    lb += ["No results yet: run `python scripts/evidence.py --methods <ids>`.", ""]
+lb += ["Reproduce: `python scripts/evidence.py --methods <id,...> --samples 30 --tokens 1500` "
        "writes `results/eviction/<id>.json`, which this page reads at build time.", ""]
 write("leaderboard.md", "\n".join(lb))
 nav["Leaderboard"] = "leaderboard.md"

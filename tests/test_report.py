@@ -19,4 +19,4 @@ def test_show_evidence_prints_summary_and_full_baseline(tmp_path, capsys):
 
 def test_show_evidence_missing_file_names_the_command(tmp_path, capsys):
     assert show_evidence("results/eviction/nonexistent.json", "t", plot=False) is None
-    assert "scripts/eviction_evidence.py --methods nonexistent" in capsys.readouterr().out
+    assert "scripts/evidence.py --methods nonexistent" in capsys.readouterr().out

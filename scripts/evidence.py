@@ -1,8 +1,9 @@
-"""Accuracy / achieved ratio / times of eviction methods on the passkey set, both settings.
+"""Accuracy / achieved ratio / times of any implemented methods on the passkey set, both settings.
 
-    python scripts/eviction_evidence.py --methods streamingllm,snapkv --samples 30 --tokens 1500
+    python scripts/evidence.py --methods streamingllm,snapkv --samples 30 --tokens 1500
+    python scripts/evidence.py --methods kivi,kvquant --ratios 2,4,8
 
-Writes results/eviction/<method>.json with the config, one row per (prompt, setting, ratio) and a summary.
+Writes results/<family>/<method>.json (family = the package the method lives in: eviction, quantization ...) with the config, one row per (prompt, setting, ratio) and a summary.
 Methods are taxonomy ids with an implementation; every prompt is prefilled once and shared by all methods
 and ratios (reference_impls.evaluate).
 """
@@ -18,7 +19,7 @@ import torch
 
 from reference_impls.data import passkey_samples
 from reference_impls.evaluate import SETTINGS, evaluate, summarize
-from reference_impls.methods import make_method
+from reference_impls.methods import make_method, method_class
 from reference_impls.models import load_model
 
 
@@ -30,7 +31,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--settings", default=",".join(SETTINGS))
-    ap.add_argument("--out", default="results/eviction")
+    ap.add_argument("--out", default=None, help="folder for the JSON files (default results/<family>)")
     args = ap.parse_args()
     names = args.methods.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -41,12 +42,13 @@ def main() -> int:
     t0 = time.time()
     rows = evaluate(model, tok, {n: (lambda r, n=n: make_method(n, r)) for n in names}, ratios, samples,
                     settings=args.settings.split(","), progress=lambda m: print(m, file=sys.stderr, flush=True))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    families = {n: method_class(n).__module__.split(".")[1] for n in names}
     config = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "samples": args.samples,
               "tokens": args.tokens, "seed": args.seed, "ratios": ratios, "torch": torch.__version__,
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "wall_s": time.time() - t0}
     for n in names:
+        out = Path(args.out or f"results/{families[n]}")
+        out.mkdir(parents=True, exist_ok=True)
         mine = [r for r in rows if r["method"] == n]
         (out / f"{n}.json").write_text(json.dumps({"config": config, "summary": summarize(mine), "rows": mine}, indent=1))
         print(f"wrote {out / f'{n}.json'}", file=sys.stderr)
