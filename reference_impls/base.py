@@ -68,6 +68,9 @@ class Step:
     #: the model's own rotary embedding: positions (B, T) int -> (cos, sin), each (B, T, D) fp32, as the
     #: model applied it (scaling variants included); None when the model has none the cache could find
     rope: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
+    #: (B, seen) int64 ids of every token seen, in stream order (padding included; index with
+    #: token_slots()); None when the model was fed embeddings instead of ids
+    token_ids: Optional[Tensor] = None
     _probs: Optional[Tensor] = field(default=None, repr=False)
 
     @property
@@ -142,6 +145,11 @@ class KVMethod:
     def from_ratio(cls, ratio: float) -> "KVMethod":
         """The method configured for a target compression ratio (full bytes / compressed bytes)."""
         raise NotImplementedError(f"{cls.__name__} cannot be configured from a ratio")
+
+    def with_tokenizer(self, tokenizer) -> "KVMethod":
+        """The method for this tokenizer's vocabulary. Methods that treat some tokens specially (special
+        tokens, punctuation: FastGen) read the ids they need here; the default ignores the tokenizer."""
+        return self
 
 
 class DenseStore(LayerStore):

@@ -190,7 +190,7 @@ def cmd_generate(args) -> int:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in tqdm(prompts, desc=f"{args.method} x{args.ratio:g}", unit="prompt", file=sys.stderr):
-                res = run_sample(model, tokenizer, make_method(args.method, args.ratio), row["context"],
+                res = run_sample(model, tokenizer, make_method(args.method, args.ratio, tokenizer), row["context"],
                                  row["question"], query_aware=args.query_aware, max_new_tokens=args.max_new_tokens,
                                  answer_prefix=row.get("answer_prefix", ""))
                 # an input's gold `answer` is kept as `expected`; `answer` becomes the model's

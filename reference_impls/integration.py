@@ -39,7 +39,8 @@ __all__ = ["KVCache", "PrefillRecord", "prepare_model", "build_prompt", "greedy_
            "record_prefill", "ATTN_NAME"]
 
 ATTN_NAME = "kvatlas"
-_active = threading.local()  # the KVCache whose update() ran last: its layer's attention comes next
+_active = threading.local()  # the KVCache whose update() ran last: its layer's attention comes next;
+# also the input ids of the forward pass now running (set by a pre-hook on the input embedding)
 
 
 class _Layer(CacheLayerMixin):
@@ -112,6 +113,8 @@ class KVCache(Cache):
         self._rotary = getattr(decoder, "rotary_emb", None)  # Llama/Qwen/Mistral-style RoPE module
         self.compress_next = True
         self.pad_valid: Optional[Tensor] = None  # (B, seen) bool, like the 2D attention mask
+        self.token_ids: Optional[Tensor] = None  # (B, seen) int64; None once a pass came without ids
+        self._ids_known = True
         self.compressed_at: Optional[int] = None  # tokens seen when the armed pass ended
 
     # transformers' Cache protocol ---------------------------------------------------------------
@@ -154,6 +157,7 @@ class KVCache(Cache):
         layer.full_bytes = 2 * B * H_kv * layer.seen * D * k.element_size()
         if layer_idx == 0:
             self._extend_padding(hf_mask, B, q_len, k.device)
+            self._extend_ids(getattr(_active, "ids", None), B, q_len)
         seen_before = layer.seen - q_len
         padded = not bool(self.pad_valid.all())
         if slots is None and not padded:
@@ -170,7 +174,7 @@ class KVCache(Cache):
         step = Step(queries=query, keys=k, values=v, slots=slots, mask=mask, valid=valid, scaling=scaling,
                     compress=self.compress_next, layer_idx=layer_idx, num_layers=self.num_layers, seen=layer.seen,
                     pad_valid=self.pad_valid if padded else None,
-                    rope=self.rope if self._rotary is not None else None)
+                    rope=self.rope if self._rotary is not None else None, token_ids=self.token_ids)
         layer.store.after_attention(step)
         if layer_idx == self.num_layers - 1 and self.compress_next:
             self.compress_next = False
@@ -183,6 +187,21 @@ class KVCache(Cache):
         else:  # the last query is a real token under left padding; its row tells which new keys are real
             new = hf_mask[:, 0, -1, -q_len:].expand(B, q_len)
         self.pad_valid = new if self.pad_valid is None else torch.cat([self.pad_valid, new], dim=1)
+
+
+    def _extend_ids(self, ids: Optional[Tensor], B: int, q_len: int) -> None:
+        _active.ids = None  # consumed: a later pass fed embeddings must not reuse these
+        if ids is None or tuple(ids.shape) != (B, q_len):
+            self._ids_known, self.token_ids = False, None  # fed embeddings: ids unknown from here on
+        elif self._ids_known:
+            ids = ids.long()
+            self.token_ids = ids if self.token_ids is None else torch.cat([self.token_ids, ids], dim=1)
+
+
+def _record_ids(module, args, kwargs):
+    """Pre-hook on the input embedding: the ids of the pass now running, for `Step.token_ids`."""
+    ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
+    _active.ids = ids if isinstance(ids, Tensor) and not ids.is_floating_point() else None
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scaling: float) -> Tensor:
@@ -218,6 +237,12 @@ def prepare_model(model) -> None:
         AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
     if model.config._attn_implementation != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
+    emb = model.get_input_embeddings()
+    if not getattr(emb, "_kvatlas_ids_hook", False):
+        # clear at the start of every forward, so ids embedded outside it are never taken for this pass's
+        model.register_forward_pre_hook(lambda module, args: setattr(_active, "ids", None))
+        emb.register_forward_pre_hook(_record_ids, with_kwargs=True)
+        emb._kvatlas_ids_hook = True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,6 +349,7 @@ class PrefillRecord:
     scaling: float
     logits: Tensor  # (1, 1, vocab) at the last prompt position
     seconds: float  # wall time of the prefill
+    input_ids: Optional[Tensor] = None  # (1, T)
 
 
 class _Recorder(LayerStore):
@@ -360,7 +386,8 @@ def record_prefill(model, input_ids: Tensor) -> PrefillRecord:
     cache = KVCache(model, _RecordMethod(sink))
     t0 = time.perf_counter()
     logits = model(input_ids=input_ids.to(next(model.parameters()).device), cache=cache, use_cache=True).logits
-    return PrefillRecord(sink["q"], sink["k"], sink["v"], sink["scaling"], logits[:, -1:], time.perf_counter() - t0)
+    return PrefillRecord(sink["q"], sink["k"], sink["v"], sink["scaling"], logits[:, -1:], time.perf_counter() - t0,
+                         input_ids=cache.token_ids)
 
 
 def cache_from_record(model, method: KVMethod, record: PrefillRecord) -> KVCache:
@@ -369,6 +396,7 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord) -> KVCache
     Exact because stores only act after the attention that used the full states (a test checks it).
     """
     cache = KVCache(model, method)
+    cache.token_ids = record.input_ids
     for i, layer in enumerate(cache.layers):
         k, v = record.keys[i], record.values[i]
         q_len = k.shape[2]
@@ -380,7 +408,7 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord) -> KVCache
         step = Step(queries=record.queries[i], keys=kk, values=vv, slots=slots, mask=None,
                     valid=torch.ones(B, H_kv, kk.shape[2], dtype=torch.bool, device=k.device),
                     scaling=record.scaling, compress=True, layer_idx=i, num_layers=cache.num_layers, seen=q_len,
-                    rope=cache.rope if cache._rotary is not None else None)
+                    rope=cache.rope if cache._rotary is not None else None, token_ids=cache.token_ids)
         layer.store.after_attention(step)
     cache.pad_valid = torch.ones(record.keys[0].shape[0], record.keys[0].shape[2], dtype=torch.bool,
                                  device=record.keys[0].device)

@@ -39,8 +39,10 @@ def method_class(method_id: str) -> type[KVMethod]:
     return getattr(importlib.import_module(module), name)
 
 
-def make_method(method_id: str, ratio: float = 1.0) -> KVMethod:
-    """The method `method_id` configured for a target compression ratio (full bytes / compressed bytes)."""
+def make_method(method_id: str, ratio: float = 1.0, tokenizer=None) -> KVMethod:
+    """The method `method_id` configured for a target compression ratio (full bytes / compressed bytes),
+    and for `tokenizer`'s vocabulary when given (see `KVMethod.with_tokenizer`)."""
     if not isinstance(ratio, (int, float)) or ratio < 1:
         raise ValueError(f"ratio must be >= 1 (full-cache bytes over compressed bytes), got {ratio}")
-    return method_class(method_id).from_ratio(ratio)
+    method = method_class(method_id).from_ratio(ratio)
+    return method if tokenizer is None else method.with_tokenizer(tokenizer)

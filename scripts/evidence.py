@@ -40,7 +40,7 @@ def main() -> int:
     model, tok = load_model()
     samples = passkey_samples(args.samples, args.tokens, args.seed, tokenizer=tok)
     t0 = time.time()
-    rows = evaluate(model, tok, {n: (lambda r, n=n: make_method(n, r)) for n in names}, ratios, samples,
+    rows = evaluate(model, tok, {n: (lambda r, n=n: make_method(n, r, tok)) for n in names}, ratios, samples,
                     settings=args.settings.split(","), progress=lambda m: print(m, file=sys.stderr, flush=True))
     families = {n: method_class(n).__module__.split(".")[1] for n in names}
     config = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "samples": args.samples,

@@ -88,3 +88,45 @@ def test_errors_are_clear(tiny):
         StreamingLLM(ratio=0.5)
     with pytest.raises(ValueError, match="does not compress"):
         Full.from_ratio(2)
+
+
+class _SpyStore(DenseStore):
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def after_attention(self, step):
+        self.log.append(step)
+
+
+class _Spy(KVMethod):
+    def __init__(self):
+        self.steps = []
+
+    def new_layer(self, layer_idx, num_layers):
+        return _SpyStore(self.steps)
+
+
+@torch.no_grad()
+def test_steps_carry_token_ids_and_the_models_rope(tiny):
+    x = ids(12, seed=4)
+    spy = _Spy()
+    out = tiny.generate(x, cache=KVCache(tiny, spy), max_new_tokens=3, do_sample=False)
+    last = spy.steps[-1]
+    assert torch.equal(last.token_ids, out[:, :-1])  # every id fed so far, in order (the last is never fed)
+    # a recorded prefill hands the same ids to the compressing step
+    rec = record_prefill(tiny, x)
+    spy2 = _Spy()
+    cache_from_record(tiny, spy2, rec)
+    assert torch.equal(spy2.steps[0].token_ids, x)
+    # rope: the model's own rotary embedding at the given positions
+    pos = torch.arange(12)[None]
+    cos, sin = last.rope(pos)
+    ref_cos, ref_sin = tiny.model.rotary_emb(torch.empty(0), pos)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin) and cos.shape == (1, 12, 16)
+    # fed embeddings instead of ids: unknown, and stays unknown
+    spy3 = _Spy()
+    cache = KVCache(tiny, spy3)
+    tiny(inputs_embeds=tiny.get_input_embeddings()(x), cache=cache)
+    tiny(torch.tensor([[5]]), cache=cache)
+    assert spy3.steps[0].token_ids is None and spy3.steps[-1].token_ids is None
