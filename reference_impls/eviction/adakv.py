@@ -6,11 +6,10 @@ concatenated scores of all heads of a layer, with a safeguard that keeps a minim
 Official code: https://github.com/FFY0/AdaKV
 Deviations: (1) the safeguard is kvpress's AdaKVPress rule: each head first keeps its top
 floor(alpha * b) tokens (alpha = 0.2), then the remaining H_kv * b - (safeguarded) slots go to the best
-scores layer-wide. (2) Memory: the store is the shared padded layout (B, H_kv, max_h count_h, D) with empty
-slots (-1) where a head keeps fewer tokens than the widest one, so `nbytes()` counts max_h count_h per head;
-a varlen kernel (the official code's flattened cache + flash-attn varlen) would hold only sum_h count_h
-tokens plus one int32 offset per head: `varlen_nbytes()` gives that figure. kvpress saves nothing (it masks
-with fake keys). GQA: one budget per KV head; the scorer decides how query heads are aggregated.
+scores layer-wide. (2) Memory: like the official code's flattened cache, the store
+holds sum_h count_h tokens head after head plus one int32 count per head (EvictingStore's varlen layout);
+attention runs on a padded view built for the step (the official code calls flash-attn's varlen kernel
+instead). kvpress saves nothing (it masks with fake keys). GQA: one budget per KV head; the scorer decides how query heads are aggregated.
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ import torch
 from torch import Tensor
 
 from reference_impls.base import Step
-from reference_impls.eviction.base import EvictingStore, EvictionMethod
+from reference_impls.eviction.base import EvictionMethod
 from reference_impls.eviction.snapkv import SnapKV
 
-__all__ = ["AdaKV", "adakv_counts", "varlen_nbytes"]
+__all__ = ["AdaKV", "adakv_counts"]
 
 
 def adakv_counts(scores: Tensor, budget: Tensor, alpha: float = 0.2) -> Tensor:
@@ -47,15 +46,6 @@ def adakv_counts(scores: Tensor, budget: Tensor, alpha: float = 0.2) -> Tensor:
         -1, flat).isfinite()
     picked = torch.zeros(B, H * T, device=s.device).scatter_(-1, flat, chosen.float())
     return picked.view(B, H, T).sum(-1).long()
-
-
-def varlen_nbytes(store: EvictingStore) -> int:
-    """Bytes a varlen layout would hold for this store: kept tokens only, their int32 slots, one offset per head."""
-    if store.slots is None:
-        return store.nbytes()
-    B, H, _, D = store.k.shape
-    kept = int((store.slots >= 0).sum())
-    return kept * (2 * D * store.k.element_size() + 4) + B * H * 4
 
 
 @dataclass

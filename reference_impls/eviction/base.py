@@ -10,8 +10,10 @@ absolute token count), per head a count (uniform by default; budget policies suc
 Kept tokens stay in time order with their post-RoPE keys, so their positions never change.
 
 Budgets count real tokens: with left padding each row keeps round(n_real / ratio), exactly as if it
-were alone in the batch; rows or heads that keep fewer than the widest hold empty slots (slot -1),
-which attention masks out.
+were alone in the batch. When rows or heads keep different numbers of tokens (Ada-KV, FastGen, padded
+batches) the store holds them flat, head after head (varlen, as the official Ada-KV code does for
+flash-attn's varlen kernel), plus one count per head; the padded view that SDPA needs, with empty slots
+(slot -1) masked out, exists only while a step runs. So measured bytes are the kept tokens' bytes.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ class EvictionMethod(KVMethod):
     def observe(self, step: Step, history: Optional[Tensor]) -> Optional[Tensor]:
         """A running per-key statistic carried between steps; None (the default) for stateless scores.
 
-        history (B, H_kv, T_held): what this returned on the previous step, for the keys still held, in
+        history (B, H_kv, T_held, ...): what this returned on the previous step, for the keys still held, in
         the order of `step.keys` (0 at empty slots); None on the first step. `step.keys` holds those
-        T_held keys followed by this step's q new ones. Returns (B, H_kv, T_held + q).
+        T_held keys followed by this step's q new ones. Returns (B, H_kv, T_held + q, ...): any trailing
+        dims are carried along with their key.
         """
         return None
 
@@ -106,11 +109,14 @@ class EvictingStore(DenseStore):
         self.method, self.layer_idx, self.num_layers = method, layer_idx, num_layers
         self.slots: Optional[Tensor] = None  # (B, H_kv, T) int32; None until the first eviction
         self.row_budget: Optional[Tensor] = None  # (B,) set by the compressing pass
-        self.history: Optional[Tensor] = None  # (B, H_kv, T) the method's running statistic, if it keeps one
+        self.history: Optional[Tensor] = None  # (B, H_kv, T, ...) the method's running statistic, if it keeps one
+        self.counts: Optional[Tensor] = None  # (B, H_kv) int32 while held flat: k, v (N, D), slots (N,), history (N, ...)
         self.seen = 0
 
     def append(self, k: Tensor, v: Tensor):
         q = k.shape[2]
+        if self.counts is not None:
+            self._unflatten()
         super().append(k, v)
         if self.slots is not None:
             new = torch.arange(self.seen, self.seen + q, device=k.device, dtype=self.slots.dtype)
@@ -119,9 +125,39 @@ class EvictingStore(DenseStore):
         return self.k, self.v, self.kept_slots()
 
     def kept_slots(self) -> Optional[Tensor]:
+        if self.counts is not None:
+            return self._padded(self.slots, -1).long()
         return None if self.slots is None else self.slots.long()
 
+    def _padded(self, flat: Tensor, fill) -> Tensor:
+        """(N, ...) held head after head -> (B, H_kv, W, ...), each head's tokens first, `fill` after."""
+        B, H = self.counts.shape
+        keep = torch.arange(int(self.counts.max()), device=flat.device) < self.counts[..., None]
+        out = flat.new_full((*keep.shape, *flat.shape[1:]), fill)
+        out[keep] = flat
+        return out
+
+    def _unflatten(self) -> None:
+        self.k, self.v, self.slots = self._padded(self.k, 0), self._padded(self.v, 0), self._padded(self.slots, -1)
+        if self.history is not None:
+            self.history = self._padded(self.history, 0)
+        self.counts = None
+
+    def _flatten(self) -> None:
+        keep = self.slots >= 0  # (B, H_kv, W)
+        if bool(keep.all()):
+            return  # every head holds the same number of tokens: the padded layout wastes nothing
+        self.counts = keep.sum(-1).to(torch.int32)
+        self.k, self.v, self.slots = self.k[keep], self.v[keep], self.slots[keep]  # row-major = head after head
+        if self.history is not None:
+            self.history = self.history[keep]
+
     def after_attention(self, step: Step) -> None:
+        self._evict(step)
+        if self.slots is not None:
+            self._flatten()
+
+    def _evict(self, step: Step) -> None:
         history = self.method.observe(step, self.history)
         self.history = history
         if step.compress:
@@ -138,8 +174,10 @@ class EvictingStore(DenseStore):
         self.k = torch.gather(self.k, 2, gather)
         self.v = torch.gather(self.v, 2, gather)
         self.slots = torch.where(hole, -1, torch.gather(step.token_slots(), 2, idx)).to(torch.int32)
-        if history is not None:
-            self.history = torch.gather(history, 2, idx).masked_fill(hole, 0)
+        if history is not None:  # trailing dims (e.g. Scissorhands' per-key window of votes) follow their key
+            tail = (1,) * (history.dim() - 3)
+            hidx = idx.view(*idx.shape, *tail).expand(*idx.shape, *history.shape[3:])
+            self.history = torch.gather(history, 2, hidx).masked_fill(hole.view(*hole.shape, *tail), 0)
 
     def nbytes(self) -> int:
-        return super().nbytes() + sum(t.nbytes for t in (self.slots, self.history) if t is not None)
+        return super().nbytes() + sum(t.nbytes for t in (self.slots, self.history, self.counts) if t is not None)
