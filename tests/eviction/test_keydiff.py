@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from reference_impls import Full, KVCache
+from reference_impls import KVCache
 from reference_impls.eviction import KeyDiff
 from reference_impls.eviction.keydiff import keydiff_scores
 from reference_impls.models import tiny_llama
-from test_snapkv import decode_matches_reference, ids
+
+from evict_checks import (budget_at_least_length_is_full, decode_matches_reference, ids,
+                          left_padded_batch_equals_batch_one, spy)
 
 
 def test_scores_equal_the_formula_written_out():
@@ -34,15 +36,12 @@ def test_anchor_ignores_padding_and_holes():
 def test_kept_tokens_are_the_top_scores_in_every_layer_and_head():
     model, T, budget = tiny_llama(), 50, 13
     cache = KVCache(model, KeyDiff(budget=budget))
-    seen = {}
-    for i, layer in enumerate(cache.layers):
-        orig = layer.store.after_attention
-        layer.store.after_attention = lambda step, i=i, orig=orig: (seen.__setitem__(i, step.keys.clone()), orig(step))
+    log = spy(cache)
     model(ids(T, seed=3), cache=cache)
     for i, layer in enumerate(cache.layers):
         kept = layer.store.kept_slots()
         assert kept.shape == (1, 2, budget)
-        ref = keydiff_scores(seen[i]).topk(budget, -1).indices.sort(-1).values
+        ref = keydiff_scores(log[i][0]["k"]).topk(budget, -1).indices.sort(-1).values
         assert torch.equal(kept, ref)
 
 
@@ -50,34 +49,12 @@ def test_generation_after_eviction_equals_attention_over_kept_tokens_with_origin
     decode_matches_reference(tiny_llama(), KeyDiff(budget=12))
 
 
-@torch.no_grad()
 def test_budget_at_least_length_is_identical_to_full(tiny):
-    x = ids(40)
-    full, ours = KVCache(tiny, Full()), KVCache(tiny, KeyDiff(budget=40))
-    assert torch.equal(tiny(x, cache=full).logits, tiny(x, cache=ours).logits)
-    assert torch.equal(tiny(torch.tensor([[9]]), cache=full).logits, tiny(torch.tensor([[9]]), cache=ours).logits)
+    budget_at_least_length_is_full(tiny, KeyDiff(budget=40), same_bytes=True)
 
 
-@torch.no_grad()
 def test_left_padded_batch_gives_the_same_answers_as_batch_one(tiny):
-    a, b = ids(30, seed=5), ids(22, seed=6)
-    method = KeyDiff(ratio=2)
-    singles = []
-    for x in (a, b):
-        c = KVCache(tiny, method)
-        singles.append(torch.cat([tiny(x, cache=c).logits[:, -1]] +
-                                 [tiny(torch.tensor([[t]]), cache=c).logits[:, -1] for t in (11, 12)]))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :8] = 0
-    c = KVCache(tiny, method)
-    outs = [tiny(batch, attention_mask=mask, cache=c).logits[:, -1]]
-    for t in (11, 12):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        outs.append(tiny(torch.tensor([[t], [t]]), attention_mask=mask, cache=c).logits[:, -1])
-    outs = torch.stack(outs, 1)
-    for row in range(2):
-        assert torch.allclose(outs[row], singles[row], atol=1e-5), row
+    left_padded_batch_equals_batch_one(tiny, KeyDiff(ratio=2), steps=2)
 
 
 def test_bad_parameters_are_rejected():

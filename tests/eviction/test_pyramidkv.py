@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from reference_impls import Full, KVCache
+from reference_impls import KVCache
 from reference_impls.eviction import PyramidKV, SnapKV, StreamingLLM
 from reference_impls.eviction.pyramidkv import pyramid_budgets
 from reference_impls.models import tiny_llama
-from test_snapkv import decode_matches_reference, ids  # the per-layer, per-head masked-attention reference
+
+from evict_checks import (budget_at_least_length_is_full, decode_matches_reference, ids,
+                          left_padded_batch_equals_batch_one, memory_stays_at_budget)
 
 
 def official_schedule(n, b, L, w, beta):
@@ -57,48 +59,18 @@ def test_decoding_with_per_layer_budgets_equals_attention_over_each_layers_kept_
     assert len(set(widths)) == 4 and sum(w - 6 for w in widths) == 4 * 14
 
 
-@torch.no_grad()
 def test_budget_at_least_length_is_identical_to_full(tiny):
-    x = ids(40)
-    full, ours = KVCache(tiny, Full()), KVCache(tiny, PyramidKV(budget=43))
-    assert torch.equal(tiny(x, cache=full).logits, tiny(x, cache=ours).logits)
-    for t in (9, 10, 11):
-        assert torch.equal(tiny(torch.tensor([[t]]), cache=full).logits, tiny(torch.tensor([[t]]), cache=ours).logits)
-    assert ours.nbytes() == full.nbytes()
+    budget_at_least_length_is_full(tiny, PyramidKV(budget=43), same_bytes=True)
 
 
-@torch.no_grad()
 def test_wraps_any_scorer_and_inherits_its_ratio_and_decoding_behaviour(tiny):
     p = PyramidKV(scorer=StreamingLLM(ratio=4, n_sink=2))
     assert p.ratio == 4 and p.evict_while_decoding
-    cache = KVCache(tiny, p)
-    tiny(ids(40), cache=cache)
-    before = cache.nbytes()
-    for t in range(10):
-        tiny(torch.tensor([[t + 3]]), cache=cache)
-    assert cache.nbytes() == before  # StreamingLLM inside keeps memory at the per-layer budgets
+    memory_stays_at_budget(tiny, p)  # StreamingLLM inside keeps memory at the per-layer budgets
 
 
-@torch.no_grad()
 def test_left_padded_batch_gives_the_same_answers_as_batch_one(tiny):
-    a, b = ids(30, seed=5), ids(22, seed=6)
-    method = PyramidKV(ratio=2, scorer=SnapKV(window=4), beta=2)
-    singles = []
-    for x in (a, b):
-        c = KVCache(tiny, method)
-        singles.append(torch.cat([tiny(x, cache=c).logits[:, -1]] +
-                                 [tiny(torch.tensor([[t]]), cache=c).logits[:, -1] for t in (11, 12)]))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :8] = 0
-    c = KVCache(tiny, method)
-    outs = [tiny(batch, attention_mask=mask, cache=c).logits[:, -1]]
-    for t in (11, 12):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        outs.append(tiny(torch.tensor([[t], [t]]), attention_mask=mask, cache=c).logits[:, -1])
-    outs = torch.stack(outs, 1)
-    for row in range(2):
-        assert torch.allclose(outs[row], singles[row], atol=1e-5), row
+    left_padded_batch_equals_batch_one(tiny, PyramidKV(ratio=2, scorer=SnapKV(window=4), beta=2), steps=2)
 
 
 def test_bad_parameters_are_rejected():

@@ -3,26 +3,15 @@
 import pytest
 import torch
 
-from reference_impls import Full, KVCache, StreamingLLM
+from reference_impls import KVCache, StreamingLLM
 from reference_impls.eviction.streamingllm import streaming_scores
 
-
-def ids(n, seed=0):
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+from evict_checks import budget_at_least_length_is_full, ids, left_padded_batch_equals_batch_one, memory_stays_at_budget
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("budget", [43, 100])
 def test_budget_at_least_length_is_identical_to_full(tiny, budget):
-    """Budget >= every length reached (40 prompt + 3 decoded tokens): bit-identical logits and bytes."""
-    x = ids(40)
-    full, ours = KVCache(tiny, Full()), KVCache(tiny, StreamingLLM(budget=budget))
-    assert torch.equal(tiny(x, cache=full).logits, tiny(x, cache=ours).logits)
-    for t in (9, 10, 11):
-        nxt = torch.tensor([[t]])
-        assert torch.equal(tiny(nxt, cache=full).logits, tiny(nxt, cache=ours).logits)
-    assert ours.nbytes() == full.nbytes()
-    assert ours.layers[0].store.kept_slots() is None  # nothing dropped, no index kept
+    budget_at_least_length_is_full(tiny, StreamingLLM(budget=budget), same_bytes=True)
 
 
 @torch.no_grad()
@@ -68,43 +57,15 @@ def test_generation_after_eviction_equals_attention_over_kept_tokens_with_origin
         assert torch.allclose(logits, ref, atol=1e-5), step
 
 
-@torch.no_grad()
 def test_left_padded_batch_gives_the_same_answers_as_batch_one(tiny):
-    a, b = ids(30, seed=5), ids(22, seed=6)
-    method = StreamingLLM(ratio=2, n_sink=2)
-    singles = []
-    for x in (a, b):
-        c = KVCache(tiny, method)
-        out = [tiny(x, cache=c).logits[:, -1]]
-        for t in (11, 12, 13):
-            out.append(tiny(torch.tensor([[t]]), cache=c).logits[:, -1])
-        singles.append(torch.cat(out))
-    pad = torch.zeros(1, 8, dtype=torch.long)
-    batch = torch.cat([a, torch.cat([pad, b], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :8] = 0
-    c = KVCache(tiny, method)
-    outs = [tiny(batch, attention_mask=mask, cache=c).logits[:, -1]]
-    for t in (11, 12, 13):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        outs.append(tiny(torch.tensor([[t], [t]]), attention_mask=mask, cache=c).logits[:, -1])
-    outs = torch.stack(outs, 1)  # (2, 4, vocab)
-    for row in range(2):
-        assert torch.allclose(outs[row], singles[row], atol=1e-5), row
+    c = left_padded_batch_equals_batch_one(tiny, StreamingLLM(ratio=2, n_sink=2), steps=3)
     # each row keeps round(n_real / 2) tokens, as if alone
     held = c.layers[1].store.kept_slots()
     assert (held[0] >= 0).sum(-1).tolist() == [15, 15] and (held[1] >= 0).sum(-1).tolist() == [11, 11]
 
 
-@torch.no_grad()
 def test_memory_stays_at_the_budget_while_decoding(tiny):
-    cache = KVCache(tiny, StreamingLLM(budget=16))
-    tiny(ids(40), cache=cache)
-    after_prefill = cache.nbytes()
-    for t in range(50):
-        tiny(torch.tensor([[t + 3]]), cache=cache)
-        assert cache.nbytes() == after_prefill
-    assert cache.get_seq_length() == 90 and cache.full_nbytes() > 5 * after_prefill
+    memory_stays_at_budget(tiny, StreamingLLM(budget=16))
 
 
 def test_bad_parameters_are_rejected():
