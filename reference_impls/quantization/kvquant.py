@@ -12,13 +12,14 @@ fixes the layer's nuqX levels (one set for keys, one for values) and each row's 
 outliers are its ceil(f n / 2) largest and smallest entries (the official `cap_outliers` count); a key
 channel's range then stays fixed and any later entry outside it is an outlier, as with the official offline
 thresholds. Outliers are flat int32 indices + exact values (the official kernels use CSR/CSC). (4) RoPE is
-undone by the store from `rope_theta` and the token positions (see `KVQuant`).
+undone with the model's own rotary embedding (`Step.rope`), or rebuilt from `rope_theta` when the model
+gives none (see `KVQuant`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -39,9 +40,16 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-    """x cos + rotate_half(x) sin; the inverse rotation flips the sign of sin (R(-a) R(a) = I)."""
+    """x cos + rotate_half(x) sin, x (..., T, D), cos/sin broadcastable to it (transformers' layout).
+
+    transformers may fold an attention scaling a into both (cos = a cos(t), sin = a sin(t): yarn, longrope), so
+    the forward map is a times a rotation; its inverse is the transposed rotation (sin negated) divided by
+    a^2 = cos^2 + sin^2, exact for any a, and 1 up to rounding for plain RoPE.
+    """
     x1, x2 = x.float().chunk(2, dim=-1)
-    return (x.float() * cos + (-sin if inverse else sin) * torch.cat([-x2, x1], dim=-1)).to(x.dtype)
+    if not inverse:
+        return (x.float() * cos + sin * torch.cat([-x2, x1], dim=-1)).to(x.dtype)
+    return ((x.float() * cos - sin * torch.cat([-x2, x1], dim=-1)) / (cos * cos + sin * sin)).to(x.dtype)
 
 
 def dense_range(x: Tensor, frac: float, dim: int, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -162,12 +170,19 @@ class KVQuantStore(LayerStore):
         self.levels_k = self.levels_v = None  # (2^bits,) fp32, this layer's nuqX datatypes
         self.k_out, self.v_out = SparseRows(), SparseRows()  # outliers and sink tokens, exact
         self.offset: Optional[Tensor] = None  # (B,) slot - position (left padding): rebuilds positions
+        # the model's rotary embedding, kept from the compressing step: append() (decoding) gets no Step
+        self.rope: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
         self.k: Optional[Tensor] = None  # (B, H_kv, q, D) post-RoPE keys not quantized yet
         self.v: Optional[Tensor] = None
 
-    def _rope(self, x: Tensor, start: int, inverse: bool) -> Tensor:
+    def rotate(self, x: Tensor, start: int, inverse: bool) -> Tensor:
+        """Apply (or undo) RoPE on keys x (B, H_kv, n, D) held at slots start .. start + n - 1."""
         slots = torch.arange(start, start + x.shape[2], device=x.device)
-        cos, sin = rope_cos_sin((slots - self.offset[:, None])[:, None], x.shape[-1], self.m.rope_theta)
+        positions = slots - self.offset[:, None]  # (B, n): each row's real tokens count from 0
+        if self.rope is not None:  # the model's own cos/sin (its theta, scaling type and attention scaling)
+            cos, sin = (t[:, None].to(x.device) for t in self.rope(positions))  # (B, 1, n, D)
+        else:
+            cos, sin = rope_cos_sin(positions[:, None], x.shape[-1], self.m.rope_theta)
         return apply_rope(x, cos, sin, inverse)
 
     def append(self, k: Tensor, v: Tensor):
@@ -178,7 +193,7 @@ class KVQuantStore(LayerStore):
         D, b = k.shape[-1], self.m.bits
         pre = self.k_out.put(nuq_dequantize(unpack_bits(self.kc, b, D), self.k_lo, self.k_hi, self.levels_k))
         vals = self.v_out.put(nuq_dequantize(unpack_bits(self.vc, b, D), self.v_lo, self.v_hi, self.levels_v))
-        keys = self._rope(pre, 0, inverse=False).to(k.dtype)  # de-quantized pre-RoPE keys, rotated again
+        keys = self.rotate(pre, 0, inverse=False).to(k.dtype)  # de-quantized pre-RoPE keys, rotated again
         return torch.cat([keys, self.k], dim=2), torch.cat([vals.to(v.dtype), self.v], dim=2), None
 
     def after_attention(self, step: Step) -> None:
@@ -187,8 +202,9 @@ class KVQuantStore(LayerStore):
             return  # nothing calibrated yet: stay in full precision until the compressing pass
         if self.offset is None:
             self.offset = step.token_slots()[:, 0, -1] - step.token_positions()[:, 0, -1]
+            self.rope = step.rope
         t0, n = 0 if self.kc is None else self.kc.shape[2], self.k.shape[2]
-        pre = self._rope(self.k, t0, inverse=True)  # (B, H_kv, n, D) keys before RoPE
+        pre = self.rotate(self.k, t0, inverse=True)  # (B, H_kv, n, D) keys before RoPE
         sink = (torch.arange(t0, t0 + n, device=pre.device) - self.offset[:, None] < m.n_sink)[:, None, :, None]
         valid = step.valid[:, :, -n:, None]
         keep = valid & ~sink  # calibrate on real tokens, sinks excluded
@@ -223,14 +239,16 @@ class KVQuant(KVMethod):
         bits: code width, 1..8 (the paper evaluates 2, 3 and 4).
         outlier_frac: fraction of each vector kept exact, in [0, 0.5) (paper: 0.01).
         n_sink: first tokens kept exact and out of calibration (paper: 1; 0 turns it off).
-        rope_theta: the model's RoPE base (Llama-2: 1e4; the embedded SmolLM2: 1e5).
+        rope_theta: RoPE base of the fallback used only when the model gives no rotary embedding
+            (`Step.rope` is None): default (unscaled) RoPE, Llama-2's 1e4.
 
-    RoPE: the store receives post-RoPE keys and no rotary parameters, so it rebuilds cos/sin of the default
-    RoPE from `rope_theta`, the head size and `Step.token_positions()` (each row's real tokens counted from
-    0), rotates keys back before quantizing and forward again after de-quantizing. The two rotations are
-    exact inverses whatever theta is, so a wrong theta (or positions that differ from those the model used,
-    e.g. left padding without position_ids) only makes keys quantize worse, never moves a position.
-    Scaled RoPE variants (llama3, yarn ...) are not rebuilt.
+    RoPE: the store receives post-RoPE keys. It takes the model's own rotary embedding from the compressing
+    step (`Step.rope`: the model's theta and scaling type, llama3, yarn ..., and attention scaling) and keeps
+    it for decoding; positions are `Step.token_positions()` (each row's real tokens counted from 0). Keys
+    are rotated back before quantizing and forward again after de-quantizing. The two rotations are exact
+    inverses whatever cos/sin are, so positions that differ from those the model used (left padding without
+    position_ids) or a wrong fallback theta only make keys quantize worse, never move a position. Variants
+    whose frequencies change with the sequence length (dynamic NTK) re-rotate old keys with the current ones.
     """
 
     bits: int = 3

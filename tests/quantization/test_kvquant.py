@@ -1,5 +1,6 @@
 """KVQuant (arXiv 2401.18079): pre-RoPE per-channel keys, nuqX levels, dense-and-sparse outliers."""
 
+import copy
 import math
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 
 from reference_impls import Full, KVCache
 from reference_impls.base import Step
+from reference_impls.models import tiny_llama
+from reference_impls.quantization import kvquant
 from reference_impls.quantization.kvquant import (KVQuant, apply_rope, dense_range, fit_levels, kvquant_fake,
-                                                  pack_bits, rope_cos_sin, unpack_bits)
+                                                  nuq_quantize, pack_bits, rope_cos_sin, unpack_bits)
 
 
 def ids(n, seed=0):
@@ -42,6 +45,52 @@ def test_undoing_rope_recovers_the_models_pre_rope_keys(tiny):
     cos, sin = rope_cos_sin(torch.arange(37), 16, 10000.0)
     assert torch.allclose(apply_rope(post, cos, sin, inverse=True), pre, atol=1e-5)
     assert torch.allclose(apply_rope(pre, cos, sin), post, atol=1e-5)
+
+
+def llama(rope_parameters):
+    """tiny_llama's architecture with other RoPE parameters (tiny_llama itself fixes theta = 1e4)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(tiny_llama().config)
+    cfg.rope_parameters = rope_parameters
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+ROPES = {
+    "default 1e4": None,  # tiny_llama() as it is
+    "theta 1e5 (SmolLM2)": {"rope_type": "default", "rope_theta": 1e5},
+    "llama3 scaling": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    # yarn folds attention_scaling = 0.1 ln(factor) + 1 into cos and sin: the inverse must divide it out
+    "yarn (attention scaling)": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                 "original_max_position_embeddings": 1024},
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+@torch.no_grad()
+def test_the_keys_kvquant_quantizes_are_the_models_k_proj_outputs(rope, monkeypatch):
+    """Reference: each layer's k_proj output, captured by a hook before the model applies its RoPE. The spy sees
+    what the store hands to nuq_quantize (keys first, then values), on the prefill and on a decoded token."""
+    model = tiny_llama() if ROPES[rope] is None else llama(ROPES[rope])
+    rotary = model.model.rotary_emb
+    assert (rotary.attention_scaling != 1.0) == rope.startswith("yarn")  # the case is what its name says
+    pre, quantized = [], []
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, o: pre.append(o))
+             for layer in model.model.layers]
+    spy = lambda x, *a: quantized.append(x) or nuq_quantize(x, *a)  # noqa: E731
+    monkeypatch.setattr(kvquant, "nuq_quantize", spy)
+    cache = KVCache(model, KVQuant(bits=8, rope_theta=1e4))  # the fallback theta is wrong for all but the first
+    model(ids(37), cache=cache)
+    model(torch.tensor([[9]]), cache=cache)
+    for h in hooks:
+        h.remove()
+    H, D = model.config.num_key_value_heads, model.config.head_dim
+    assert len(pre) == 4 and len(quantized) == 8  # 2 layers x (prefill, decoded token); keys and values each
+    for got, want in zip(quantized[0::2], pre):
+        want = want.view(1, -1, H, D).transpose(1, 2)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dim,frac", [(2, 0.1), (3, 0.1), (2, 0.01), (3, 0.0)])
