@@ -21,9 +21,6 @@
 # \ \text{ after lifting each head's top } \lfloor \alpha b \rfloor,\qquad b_h = |\{j : (h, j) \in \mathcal K\}|.$$
 
 # %%
-import json
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import torch
 
@@ -98,25 +95,15 @@ for r in (2, 4, 8):
 
 # %% [markdown]
 # ## Accuracy against compression on the passkey task
-# From the evidence run (`scripts/eviction_evidence.py --methods adakv`: 30 prompts of ~1.5k tokens, both
+# From the evidence run (`scripts/evidence.py --methods adakv`: 30 prompts of ~1.5k tokens, both
 # settings); the achieved ratio there is the padded one (bytes held), below the target by construction.
+# SnapKV's run follows, for comparison.
 
 # %%
-rows = []
-for name in ("adakv", "snapkv"):
-    path = Path(f"results/eviction/{name}.json")
-    rows += json.loads(path.read_text())["summary"] if path.exists() else []
-    if not path.exists():
-        print(f"{path} not found: run scripts/eviction_evidence.py --methods {name}")
-if rows:
-    print(f"{'method':8} {'setting':15} {'target':>6} {'achieved':>8} {'accuracy':>8}")
-    for r in rows:
-        print(f"{r['method']:8} {r['setting']:15} {r['target_ratio']:6g} {r['achieved_ratio']:8.2f} {r['accuracy']:8.2f}")
-    for setting, style in (("query-agnostic", "--"), ("query-aware", "-")):
-        for name in ("adakv", "snapkv"):
-            rs = [r for r in rows if r["setting"] == setting and r["method"] == name]
-            plt.plot([r["target_ratio"] for r in rs], [r["accuracy"] for r in rs], "o" + style, label=f"{name} {setting}")
-    plt.xscale("log"); plt.xlabel("target compression ratio"); plt.ylabel("passkey accuracy"); plt.legend(); plt.show()
+from reference_impls.report import show_evidence
+
+show_evidence("results/eviction/adakv.json", "Ada-KV on SmolLM2-135M")
+show_evidence("results/eviction/snapkv.json", "SnapKV on SmolLM2-135M")
 
 # %% [markdown]
 # ## What the paper reported, and what we see

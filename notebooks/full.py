@@ -73,3 +73,13 @@ print(f"accuracy: {sum(r[3] for r in rows)}/{len(rows)}")
 # **Reading it:** the full cache answers (nearly) every needle at every depth; any drop in the other
 # notebooks is the price of compression, not of the task. Times are CPU times on the machine that built
 # this page.
+
+# %% [markdown]
+# ## The ceiling on the evidence prompts
+# The same task on the prompts of the evidence runs (`scripts/evidence.py --methods full`, ~1.5k-token passkey
+# prompts, needle depths 0-100%, both settings). Each method's notebook draws these accuracies as dashed lines.
+
+# %%
+from reference_impls.report import show_evidence
+
+show_evidence("results/eviction/full.json", "Full cache on SmolLM2-135M", baseline=None)

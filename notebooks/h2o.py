@@ -22,9 +22,6 @@
 # non-recent token, so memory stays at $b$ tokens.
 
 # %%
-import json
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import torch
 
@@ -97,26 +94,14 @@ for layer, m10, m20, fit in rows:
 
 # %% [markdown]
 # ## Accuracy against compression on the passkey task
-# From the evidence run (`scripts/eviction_evidence.py`, ~1.5k-token passkey prompts, needle depths 0-100%, both
+# From the evidence run (`scripts/evidence.py`, ~1.5k-token passkey prompts, needle depths 0-100%, both
 # settings); the achieved ratio is measured from the bytes held (keys, values, kept indices and H2O's fp32
 # score per kept token).
 
 # %%
-path = Path("results/eviction/h2o.json")
-if path.exists():
-    data = json.loads(path.read_text())
-    print("samples per point:", data["config"]["samples"])
-    print(f"{'setting':16} {'target':>6} {'achieved':>8} {'accuracy':>8} {'prefill s':>9} {'decode tok/s':>12}")
-    for r in data["summary"]:
-        print(f"{r['setting']:16} {r['target_ratio']:6g} {r['achieved_ratio']:8.2f} {r['accuracy']:8.2f} "
-              f"{r['prefill_s']:9.1f} {r['decode_tokens_per_s'] or float('nan'):12.2f}")
-    for setting in ("query-agnostic", "query-aware"):
-        rs = [r for r in data["summary"] if r["setting"] == setting]
-        plt.plot([r["achieved_ratio"] for r in rs], [r["accuracy"] for r in rs], "o-", label=setting)
-    plt.xscale("log"); plt.xlabel("achieved compression ratio"); plt.ylabel("passkey accuracy"); plt.legend()
-    plt.title("H2O on SmolLM2-135M"); plt.show()
-else:
-    print("results/eviction/h2o.json not found: run scripts/eviction_evidence.py --methods h2o")
+from reference_impls.report import show_evidence
+
+show_evidence("results/eviction/h2o.json", "H2O on SmolLM2-135M")
 
 # %% [markdown]
 # ## What the paper reported, and what we see

@@ -18,9 +18,6 @@
 # \qquad \text{keep } \operatorname{top}_b(s) \text{ per head.}$$
 
 # %%
-import json
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import torch
 
@@ -87,18 +84,13 @@ print(f"mean overlap {sum(overlap) / L:.2f} (chance 0.25); needle in KeyDiff's k
 
 # %% [markdown]
 # ## Accuracy against compression on the passkey task
-# From the evidence run (`scripts/eviction_evidence.py --methods keydiff`, 30 prompts of ~1.5k tokens), when
+# From the evidence run (`scripts/evidence.py --methods keydiff`, 30 prompts of ~1.5k tokens), when
 # it has been run.
 
 # %%
-path = Path("results/eviction/keydiff.json")
-if path.exists():
-    rows = json.loads(path.read_text())["summary"]
-    print(f"{'setting':15} {'target':>6} {'achieved':>8} {'accuracy':>8}")
-    for r in rows:
-        print(f"{r['setting']:15} {r['target_ratio']:6g} {r['achieved_ratio']:8.2f} {r['accuracy']:8.2f}")
-else:
-    print(f"{path} not found: run scripts/eviction_evidence.py --methods keydiff")
+from reference_impls.report import show_evidence
+
+show_evidence("results/eviction/keydiff.json", "KeyDiff on SmolLM2-135M")
 
 # %% [markdown]
 # ## What the paper reported, and what we see

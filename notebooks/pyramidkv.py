@@ -20,9 +20,6 @@
 # b_{\max} = 2(b-w) - b_{\min}, \qquad \textstyle\sum_l b_l = L\,b .$$
 
 # %%
-import json
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import torch
 
@@ -85,26 +82,15 @@ print(f"layers 0-{L // 3 - 1}: entropy {sum(entropy[lo]) / (L // 3):.2f}, top-5%
 
 # %% [markdown]
 # ## Accuracy against compression on the passkey task
-# From the evidence run (`scripts/eviction_evidence.py --methods snapkv,pyramidkv`: 30 prompts of ~1.5k tokens,
+# From the evidence run (`scripts/evidence.py --methods snapkv,pyramidkv`: 30 prompts of ~1.5k tokens,
 # needle depths 0-100%, both settings). PyramidKV and SnapKV share the scorer, so the difference is the budget
 # schedule alone.
 
 # %%
-rows = []
-for name in ("pyramidkv", "snapkv"):
-    path = Path(f"results/eviction/{name}.json")
-    rows += json.loads(path.read_text())["summary"] if path.exists() else []
-    if not path.exists():
-        print(f"{path} not found: run scripts/eviction_evidence.py --methods {name}")
-if rows:
-    print(f"{'method':10} {'setting':15} {'target':>6} {'achieved':>8} {'accuracy':>8}")
-    for r in rows:
-        print(f"{r['method']:10} {r['setting']:15} {r['target_ratio']:6g} {r['achieved_ratio']:8.2f} {r['accuracy']:8.2f}")
-    for setting, style in (("query-agnostic", "--"), ("query-aware", "-")):
-        for name in ("pyramidkv", "snapkv"):
-            rs = [r for r in rows if r["setting"] == setting and r["method"] == name]
-            plt.plot([r["achieved_ratio"] for r in rs], [r["accuracy"] for r in rs], "o" + style, label=f"{name} {setting}")
-    plt.xscale("log"); plt.xlabel("achieved compression ratio"); plt.ylabel("passkey accuracy"); plt.legend(); plt.show()
+from reference_impls.report import show_evidence
+
+show_evidence("results/eviction/pyramidkv.json", "PyramidKV on SmolLM2-135M")
+show_evidence("results/eviction/snapkv.json", "SnapKV on SmolLM2-135M")
 
 # %% [markdown]
 # ## What the paper reported, and what we see

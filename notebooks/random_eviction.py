@@ -48,9 +48,18 @@ plt.show()
 print(f"mean kept position {all_kept.float().mean():.1f} (uniform: 199.5)")
 
 # %% [markdown]
-# ## Accuracy against compression, beside the scored methods
-# From the evidence runs (`scripts/eviction_evidence.py`, ~1.5k-token passkey prompts, needle depths 0-100%);
-# every method's JSON found under `results/eviction/` is drawn, query-agnostic setting.
+# ## Accuracy against compression on the passkey task
+# From the evidence run (`scripts/evidence.py --methods random`, ~1.5k-token passkey prompts, needle depths
+# 0-100%, both settings); ratios are measured from the bytes held.
+
+# %%
+from reference_impls.report import show_evidence
+
+show_evidence("results/eviction/random.json", "Random eviction on SmolLM2-135M")
+
+# %% [markdown]
+# ## Beside the scored methods
+# Every method's JSON found under `results/eviction/` is drawn, one panel per setting, random in bold.
 
 # %%
 results = sorted(Path("results/eviction").glob("*.json"))
@@ -66,15 +75,6 @@ for i, setting in enumerate(("query-agnostic", "query-aware")):
     ax[i].set_xscale("log"); ax[i].set_xlabel("achieved compression ratio"); ax[i].set_title(setting)
 ax[0].set_ylabel("passkey accuracy"); ax[1].legend(fontsize=7)
 plt.tight_layout(); plt.show()
-path = Path("results/eviction/random.json")
-if path.exists():
-    data = json.loads(path.read_text())
-    print("samples per point:", data["config"]["samples"])
-    print(f"{'setting':16} {'target':>6} {'achieved':>8} {'accuracy':>8}")
-    for r in data["summary"]:
-        print(f"{r['setting']:16} {r['target_ratio']:6g} {r['achieved_ratio']:8.2f} {r['accuracy']:8.2f}")
-else:
-    print("results/eviction/random.json not found: run scripts/eviction_evidence.py --methods random")
 
 # %% [markdown]
 # ## What others reported, and what we see

@@ -23,9 +23,6 @@
 # instead stores one copy of the cache per query head).
 
 # %%
-import json
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import torch
 
@@ -139,31 +136,15 @@ for idx in (1, 5):
 
 # %% [markdown]
 # ## Accuracy against compression on the passkey task
-# From the evidence run (`scripts/eviction_evidence.py --methods snapkv,pyramidkv`: 30 prompts of ~1.5k
+# From the evidence run (`scripts/evidence.py --methods snapkv,pyramidkv`: 30 prompts of ~1.5k
 # tokens, needle depths 0-100%, both settings, 8 new tokens); StreamingLLM beside it for reference. The ratio
 # is measured from the bytes the cache holds (kept keys/values plus their int32 stream indices).
 
 # %%
-rows = []
-for name in ("snapkv", "pyramidkv", "streamingllm"):
-    path = Path(f"results/eviction/{name}.json")
-    if path.exists():
-        rows += json.loads(path.read_text())["summary"]
-    else:
-        print(f"{path} not found: run scripts/eviction_evidence.py --methods {name}")
-if rows:
-    print(f"{'method':13} {'setting':15} {'target':>6} {'achieved':>8} {'accuracy':>8} {'prefill s':>9} {'tok/s':>6}")
-    for r in rows:
-        print(f"{r['method']:13} {r['setting']:15} {r['target_ratio']:6g} {r['achieved_ratio']:8.2f} "
-              f"{r['accuracy']:8.2f} {r['prefill_s']:9.2f} {r['decode_tokens_per_s'] or 0:6.1f}")
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.5), sharey=True)
-    for a, setting in zip(ax, ("query-agnostic", "query-aware")):
-        for name in ("snapkv", "pyramidkv", "streamingllm"):
-            rs = [r for r in rows if r["setting"] == setting and r["method"] == name]
-            if rs:
-                a.plot([r["achieved_ratio"] for r in rs], [r["accuracy"] for r in rs], "o-", label=name)
-        a.set_xscale("log"); a.set_xlabel("achieved compression ratio"); a.set_title(setting); a.legend()
-    ax[0].set_ylabel("passkey accuracy"); plt.tight_layout(); plt.show()
+from reference_impls.report import show_evidence
+
+show_evidence("results/eviction/snapkv.json", "SnapKV on SmolLM2-135M")
+show_evidence("results/eviction/streamingllm.json", "StreamingLLM on SmolLM2-135M")
 
 # %% [markdown]
 # ## What the paper reported, and what we see

@@ -17,9 +17,6 @@
 # $$S_t = \{0,\dots,s-1\} \cup \{t-w+1,\dots,t\}, \qquad |S_t| = s + w.$$
 
 # %%
-import json
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import torch
 
@@ -81,23 +78,13 @@ print(f"median over layers 2-29: position 0 gets {ratio:.0f}x the attention of a
 
 # %% [markdown]
 # ## Accuracy against compression on the passkey task
-# From the shared evidence run (`scripts/eviction_evidence.py`, 30 prompts of ~1.5k tokens, needle depths
+# From the shared evidence run (`scripts/evidence.py`, 30 prompts of ~1.5k tokens, needle depths
 # 0-100%, both settings); the ratio is measured from the bytes held, next to the target.
 
 # %%
-path = Path("results/eviction/streamingllm.json")
-if path.exists():
-    summary = json.loads(path.read_text())["summary"]
-    print(f"{'setting':16} {'target':>6} {'achieved':>8} {'accuracy':>8}")
-    for r in summary:
-        print(f"{r['setting']:16} {r['target_ratio']:6g} {r['achieved_ratio']:8.2f} {r['accuracy']:8.2f}")
-    for setting in ("query-agnostic", "query-aware"):
-        rs = [r for r in summary if r["setting"] == setting and r["method"] == "streamingllm"]
-        plt.plot([r["achieved_ratio"] for r in rs], [r["accuracy"] for r in rs], "o-", label=setting)
-    plt.xscale("log"); plt.xlabel("achieved compression ratio"); plt.ylabel("passkey accuracy"); plt.legend()
-    plt.title("StreamingLLM on SmolLM2-135M"); plt.show()
-else:
-    print("results/eviction/streamingllm.json not found: run scripts/eviction_evidence.py --methods streamingllm")
+from reference_impls.report import show_evidence
+
+show_evidence("results/eviction/streamingllm.json", "StreamingLLM on SmolLM2-135M")
 
 # %% [markdown]
 # ## What the paper reported, and what we see
