@@ -12,7 +12,8 @@ averages within the group). (2) The budget is round(n / ratio) tokens per head a
 benchmark seed, arXiv 2407.01527, sets heavy_ratio = recent_ratio = budget / 2n); it then stays fixed, so
 each decoded token evicts one token. (3) The extra state (an fp32 score per kept token, `observe`) is counted in nbytes.
 (4) kvpress's ObservedAttentionPress is H2O's score at the prefill only, divided by the number of queries that
-saw each key, without a recent window; kvpress cannot run beside transformers 5.x, so no fixture is compared.
+saw each key, without a recent window; a recorded kvpress 0.5.5 fixture checks that relation
+(tests/eviction/test_kvpress_fixtures.py).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Deviations: (1) we compress once, at the compressing pass (the prefill); the off
 cache whenever it holds >= `prune_after` tokens (default 2048). (2) The official `skip_layers` option (default
 empty) is not offered: every layer is compressed, as with the default and kvpress. (3) The budget is
 round(n / ratio) tokens per head (official: ceil(keep_ratio * n)); kept tokens stay in time order (the official
-code stores them sorted by norm, which changes nothing after RoPE). kvpress cannot run beside transformers
-5.x, so no fixture compares kept indices.
+code stores them sorted by norm, which changes nothing after RoPE). Kept indices equal KnormPress's (kvpress
+0.5.5, recorded fixture: tests/eviction/test_kvpress_fixtures.py).
 """
 
 from __future__ import annotations

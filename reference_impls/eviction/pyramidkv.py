@@ -11,7 +11,8 @@ prompt), but computed in floating point and rounded by largest remainder, so the
 exactly L * b, the uniform total (the official code floors, kvpress rounds per layer: both can miss it by up
 to L tokens); like them, it falls back to uniform budgets when the pyramid does not fit. As in the official
 code every layer reserves the window on top of its share; kvpress's PyramidKVPress spreads n(1 - r) with no
-reservation, so its top layers can keep fewer tokens than the window.
+reservation and falls back to uniform budgets whenever its top layer would keep fewer tokens than the window
+(60 tokens, window 8, r = 0.75: kvpress keeps 15 + 15, we keep 22 + 8).
 """
 
 from __future__ import annotations

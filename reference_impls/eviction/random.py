@@ -4,7 +4,8 @@ Paper: none (a baseline); kvpress's RandomPress is the same idea.
 Official code: https://github.com/NVIDIA/kvpress (`kvpress/presses/random_press.py`)
 Deviations: the random score of a token is a fixed function of (seed, layer, KV head, position among the
 row's real tokens), so a left-padded batch keeps the same tokens as each row alone, and a run is repeatable;
-kvpress draws fresh scores from torch's global generator per call.
+kvpress draws fresh scores from torch's global generator per call (given a seed, from a generator re-seeded on
+every call, so every layer keeps the same positions).
 """
 
 from __future__ import annotations

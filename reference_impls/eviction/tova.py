@@ -10,8 +10,8 @@ full attention and then cut to the budget with the last prompt query's attention
 afterwards each decoded token evicts one token, as in the paper. (3) The budget is round(n / ratio) tokens
 at the compressing pass (the paper uses fixed multi-state sizes); it then stays fixed. (4) Like the paper,
 the current token is scored too and may itself be dropped; kvpress's TOVAPress always keeps it (its own
-comment calls this a slight difference). kvpress cannot run beside transformers 5.x, so no fixture compares
-kept indices; the scoring rule was checked against TOVAPress's source.
+comment calls this a slight difference); a recorded kvpress 0.5.5 fixture shows equal scores and kept sets that
+differ by that token only (tests/eviction/test_kvpress_fixtures.py).
 """
 
 from __future__ import annotations
