@@ -213,26 +213,78 @@ cache actually holds, next to the target.
 nav["The two seeds"] = "seeds.md"
 
 # ---------------------------------------------------------------------------------------------------- leaderboard
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
+           "#756bb1", "#636363"]
+
+
+def accuracy_svg(rows: list[tuple[str, dict]], setting: str) -> str:
+    """Passkey accuracy against the achieved ratio (log axis), one line per method (inline SVG, offline)."""
+    import math
+
+    W, H, L, R, T, B = 640, 340, 50, 150, 28, 40
+    rs = [(fam, s) for fam, s in rows if s["setting"] == setting and s["achieved_ratio"] > 0]
+    xmax = max(max(s["achieved_ratio"] for _, s in rs), 8.5)
+    xmin = min(min(s["achieved_ratio"] for _, s in rs), 1.0) * 0.95
+    X = lambda r: L + (math.log(r) - math.log(xmin)) / (math.log(xmax) - math.log(xmin)) * (W - L - R)
+    Y = lambda a: T + (1 - a) * (H - T - B)
+    out = [f'<svg class="kv-chart" viewBox="0 0 {W} {H}" role="img" aria-label="accuracy vs ratio, {setting}">',
+           f'<text x="{L}" y="16" class="kv-chart-title">{setting}: passkey accuracy vs achieved ratio</text>']
+    for a in (0, 0.25, 0.5, 0.75, 1):
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{Y(a):.1f}" y2="{Y(a):.1f}" class="kv-grid"/>'
+                   f'<text x="{L - 6}" y="{Y(a) + 4:.1f}" text-anchor="end" class="kv-tick">{a:g}</text>')
+    for r in (1, 1.25, 1.5, 2, 4, 8, 16):
+        if xmin <= r <= xmax:
+            out.append(f'<line x1="{X(r):.1f}" x2="{X(r):.1f}" y1="{T}" y2="{H - B}" class="kv-grid"/>'
+                       f'<text x="{X(r):.1f}" y="{H - B + 16}" text-anchor="middle" class="kv-tick">{r:g}x</text>')
+    methods = sorted({s["method"] for _, s in rs})
+    for i, m in enumerate(methods):
+        pts = sorted((s["achieved_ratio"], s["accuracy"], s["target_ratio"], s["n"]) for _, s in rs if s["method"] == m)
+        c = PALETTE[i % len(PALETTE)]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.6" points="'
+                   + " ".join(f"{X(x):.1f},{Y(a):.1f}" for x, a, _, _ in pts) + '"/>')
+        for x, a, t, n in pts:
+            out.append(f'<circle cx="{X(x):.1f}" cy="{Y(a):.1f}" r="3" fill="{c}"><title>{m}: target {t:g}x, '
+                       f'achieved {x:.2f}x, accuracy {a:.2f} (n={n})</title></circle>')
+        out.append(f'<rect x="{W - R + 10}" y="{T + i * 15 - 8}" width="10" height="3" fill="{c}"/>'
+                   f'<text x="{W - R + 24}" y="{T + i * 15 - 3}" class="kv-tick">{m}</text>')
+    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 6}" text-anchor="middle" class="kv-tick">achieved compression '
+               f'ratio (measured bytes, log scale)</text></svg>')
+    return "".join(out)
+
+
 results = sorted((ROOT / "results").glob("*/*.json"))
 lb = ["# Leaderboard", "",
       "Every implemented method under one setup: the embedded SmolLM2-135M-Instruct (fp32, CPU), the same "
       "synthetic passkey prompts, batch 1, greedy decoding. Each prompt is prefilled once and every method "
       "compresses from that same prefill (`reference_impls.evaluate`). **Achieved** ratios are measured from "
       "the bytes each cache holds (kept indices, scales and any full-precision window included), shown next "
-      "to the target. Times are CPU wall times on the machine that produced the file.", ""]
+      "to the target. Times are CPU wall times on the machine that produced the file. The full cache on the "
+      "same prompts is the `full` row.", ""]
 summary_rows = []
 configs = {}
 for path in results:
     data = json.loads(path.read_text())
-    configs[path.parent.name] = data.get("config", {})
+    configs[f"{path.parent.name}/{path.name}"] = data.get("config", {})
     for s in data.get("summary", []):
         summary_rows.append((path.parent.name, s))
 if summary_rows:
+    targets = sorted({s["target_ratio"] for _, s in summary_rows})
     for setting in ("query-agnostic", "query-aware"):
         rs = [(fam, s) for fam, s in summary_rows if s["setting"] == setting]
         if not rs:
             continue
-        lb += [f"## {setting}", "", "<div class=\"kv-faceted\" data-facets=\"0,1,2\">", "",
+        lb += [f"## {setting}", "", accuracy_svg(summary_rows, setting), "",
+               "Passkey accuracy per target ratio (achieved ratio in brackets).", "",
+               "| Family | Method | n | " + " | ".join(f"{t:g}x" for t in targets) + " |",
+               "|---|---|---|" + "---|" * len(targets)]
+        for fam, m in sorted({(f, s["method"]) for f, s in rs}):
+            cells = {s["target_ratio"]: s for f, s in rs if s["method"] == m and f == fam}
+            n = max(s["n"] for s in cells.values())
+            lb.append(f"| {fam} | [{m}](taxonomy/{m}.md) | {n} | " + " | ".join(
+                f"{cells[t]['accuracy']:.2f} ({cells[t]['achieved_ratio']:.2f})" if t in cells else ""
+                for t in targets) + " |")
+        lb += ["", f"### All figures, {setting}", "", "<div class=\"kv-faceted\" data-facets=\"0,1,2\">", "",
                "| Family | Method | Target ratio | Achieved ratio | Passkey accuracy | Prefill s | Decode tok/s | n |",
                "|---|---|---|---|---|---|---|---|"]
         for fam, s in sorted(rs, key=lambda x: (x[1]["method"], x[1]["target_ratio"])):
@@ -242,13 +294,13 @@ if summary_rows:
                       f"{'' if dec is None else f'{dec:.1f}'} | {s['n']} |")
         lb += ["", "</div>", ""]
     lb += ["## Setup of each results file", ""]
-    for fam, cfg in configs.items():
-        lb.append(f"* `results/{fam}/`: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    for name, cfg in configs.items():
+        lb.append(f"* `results/{name}`: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     lb.append("")
 else:
     lb += ["No results yet: run `python scripts/evidence.py --methods <ids>`.", ""]
-lb += ["Reproduce: `python scripts/evidence.py --methods <id,...> --samples 30 --tokens 1500` "
-       "writes `results/eviction/<id>.json`, which this page reads at build time.", ""]
+lb += ["Reproduce: `python scripts/evidence.py --methods <id,...> --samples 30 --tokens 1500 [--ratios 2,4,8]` "
+       "writes `results/<family>/<id>.json`, which this page reads at build time.", ""]
 write("leaderboard.md", "\n".join(lb))
 nav["Leaderboard"] = "leaderboard.md"
 
