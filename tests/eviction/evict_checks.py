@@ -186,3 +186,15 @@ def memory_stays_at_budget(model, method, steps=50):
         model(torch.tensor([[t + 3]]), cache=cache)
         assert cache.nbytes() == after, t
     assert cache.get_seq_length() == 40 + steps and cache.full_nbytes() > 5 * after
+
+
+def achieved_ratio_is_on_target(model, tok, method_cls, ratios=(2, 4, 8)):
+    """On the embedded model and an 800-token passkey prompt, the ratio measured from the bytes held is within
+    5% of every target `method_cls(ratio=r)` is built for."""
+    from reference_impls import run_sample
+    from reference_impls.data import passkey_samples
+
+    s = passkey_samples(1, 800, seed=1, tokenizer=tok)[0]
+    for ratio in ratios:
+        r = run_sample(model, tok, method_cls(ratio=ratio), s["context"], s["question"], max_new_tokens=4)
+        assert abs(r["achieved_ratio"] / ratio - 1) < 0.05, (ratio, r["achieved_ratio"])

@@ -8,7 +8,8 @@ from reference_impls.eviction import AdaKV, SnapKV
 from reference_impls.eviction.adakv import adakv_counts
 from reference_impls.models import tiny_llama
 
-from evict_checks import budget_at_least_length_is_full, decode_matches_reference, ids, left_padded_batch_equals_batch_one
+from evict_checks import (budget_at_least_length_is_full, decode_matches_reference, ids,
+                          left_padded_batch_equals_batch_one)
 
 
 def naive_counts(scores, b, alpha):
