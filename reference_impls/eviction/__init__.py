@@ -10,7 +10,9 @@ from reference_impls.eviction.h2o import H2O
 from reference_impls.eviction.tova import TOVA
 from reference_impls.eviction.knorm import KNorm
 from reference_impls.eviction.random import RandomEviction
+from reference_impls.eviction.keyformer import Keyformer
 
 __all__ = ["EvictingStore", "EvictionMethod", "StreamingLLM", "keep_top"]
 __all__ += ["AdaKV", "KeyDiff", "PyramidKV", "SnapKV"]
 __all__ += ["H2O", "KNorm", "RandomEviction", "TOVA"]
+__all__ += ["Keyformer"]
