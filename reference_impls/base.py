@@ -78,7 +78,8 @@ class Step:
         return self.queries.shape[2]
 
     def probs(self) -> Tensor:
-        """(B, H, q, T) attention weights of this step, computed once on demand."""
+        """(B, H, q, T) attention weights of this step, computed once on demand. Read-only: a recorded
+        prefill shares them between every method compressing from it."""
         if self._probs is None:
             mask = self.mask
             if mask is None and self.q_len > 1:  # dense causal: query i sees keys up to T - q + i

@@ -350,6 +350,9 @@ class PrefillRecord:
     logits: Tensor  # (1, 1, vocab) at the last prompt position
     seconds: float  # wall time of the prefill
     input_ids: Optional[Tensor] = None  # (1, T)
+    #: per layer, the prefill's attention weights (1, H, T, T) once some method asked for them
+    #: (`Step.probs()`): every later method compressing from this record reuses them
+    probs: Optional[list] = None
 
 
 class _Recorder(LayerStore):
@@ -405,11 +408,17 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord) -> KVCache
         layer.seen = q_len
         layer.full_bytes = 2 * k.shape[0] * k.shape[1] * q_len * k.shape[3] * k.element_size()
         B, H_kv = k.shape[:2]
+        if record.probs is None:
+            record.probs = [None] * len(cache.layers)
+        same = kk is k  # the store handed attention the recorded keys themselves (not, say, de-quantized ones)
         step = Step(queries=record.queries[i], keys=kk, values=vv, slots=slots, mask=None,
                     valid=torch.ones(B, H_kv, kk.shape[2], dtype=torch.bool, device=k.device),
                     scaling=record.scaling, compress=True, layer_idx=i, num_layers=cache.num_layers, seen=q_len,
-                    rope=cache.rope if cache._rotary is not None else None, token_ids=cache.token_ids)
+                    rope=cache.rope if cache._rotary is not None else None, token_ids=cache.token_ids,
+                    _probs=record.probs[i] if same else None)
         layer.store.after_attention(step)
+        if same and record.probs[i] is None:
+            record.probs[i] = step._probs
     cache.pad_valid = torch.ones(record.keys[0].shape[0], record.keys[0].shape[2], dtype=torch.bool,
                                  device=record.keys[0].device)
     cache.compress_next = False

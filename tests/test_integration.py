@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from reference_impls import Full, KVCache, StreamingLLM
+from reference_impls.eviction.h2o import H2O
 from reference_impls.base import DenseStore, KVMethod
 from reference_impls.integration import cache_from_record, greedy_generate, record_prefill
 
@@ -57,6 +58,13 @@ def test_replay_from_record_equals_live_run(tiny):
     rec = record_prefill(tiny, x)
     replay = greedy_generate(tiny, cache_from_record(tiny, method, rec), [q], 8)
     assert live.tokens == replay.tokens and live.kv_bytes == replay.kv_bytes
+    # H2O asks for the prefill's attention weights; a second cache from the same record reuses them exactly
+    h2o_live = greedy_generate(tiny, KVCache(tiny, H2O(budget=20)), [x, q], 8)
+    first = cache_from_record(tiny, H2O(budget=20), rec)
+    assert rec.probs[0] is not None and rec.probs[0].shape == (1, 4, 50, 50)
+    shared = rec.probs[0]
+    again = greedy_generate(tiny, cache_from_record(tiny, H2O(budget=20), rec), [q], 8)
+    assert rec.probs[0] is shared and again.tokens == h2o_live.tokens == greedy_generate(tiny, first, [q], 8).tokens
 
 
 @torch.no_grad()
