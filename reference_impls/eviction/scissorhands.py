@@ -1,0 +1,136 @@
+"""Scissorhands: drop the tokens that the last w queries most often found unimportant; keep a recent window.
+
+Paper: Liu, Desai, Liao, Wang, Xie, Xu, Kyrillidis, Shrivastava, "Scissorhands: Exploiting the Persistence of
+Importance Hypothesis for LLM KV Cache Compression at Test Time", arXiv 2305.17118 (NeurIPS 2023): Section 3
+(persistence of importance: tokens that drew high attention at one step keep drawing it later), Section 4
+(Algorithm 1: a cache of fixed budget B per head, compressed whenever it fills; Algorithm 2: over a history
+window of the last w queries count, per token, how often its attention fell below the uniform average, shield
+the r most recent tokens, drop the m tokens with the highest counts). The paper text could not be opened from
+this workspace: these details follow the task brief and secondary summaries and are not checked line by line.
+Official code: https://github.com/lzcemma/Scissorhands (checked: only a perplexity simulation,
+`Decentralized_FM_alpha/modules/hf_opt_dropkv.py`: for each query i >= 100 a key stays visible if, in at least
+one of the previous LRU_WINDOW = 100 queries, its attention exceeded that query's 90th-percentile weight, or if
+it is among the last POSITION_WINDOW = 10 positions; no fixed budget, layers 5-35 of OPT-66B only).
+Deviations: (1) GQA: the paper is multi-head; a query's vote uses the attention averaged over the G query heads
+of its group (as H2O here), which is itself a distribution over the keys, so 1/n stays its uniform average.
+(2) Threshold 1/n with n the keys that query actually attended (the uniform average of its softmax): equal to
+1/t (the paper's average, as summarised) without eviction, larger once the cache holds fewer than t tokens.
+(3) The prompt is cut to the budget at the compressing pass using the votes of its last w queries only, so a
+token far from the end is never judged by its neighbours (in Algorithm 1 every token is judged soon after it
+arrives); afterwards every decoded token evicts one token (m = 1), so memory stays flat at B (the paper drops
+m tokens whenever the cache fills). (4) Budget =
+round(n / ratio) tokens per head at the compressing pass (or `budget`), then fixed; w = 100 and r = 10 follow
+the official script. (5) Votes are exact over the window: each key keeps one bit per window query in a ring
+(query at stream index s in bit s mod w), ceil(w/8) bytes per key and head, counted in nbytes. (6) Ties between equal
+counts (small integers) go to the more recent token, so the choice is deterministic and padding-independent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from reference_impls.base import Step, attention_probs
+from reference_impls.eviction.base import EvictionMethod
+
+__all__ = ["Scissorhands", "scissorhands_scores", "unimportant_votes", "window_counts", "window_update"]
+
+
+def unimportant_votes(q: Tensor, k: Tensor, allowed: Tensor, scaling: float) -> Tensor:
+    """Which keys each query found unimportant: group-mean attention below the uniform average 1/n.
+
+    q (B, H, n, D) the window's queries; k (B, H_kv, T, D); allowed (B, H_kv, n, T) bool, the keys each query
+    attended. Returns (B, H_kv, n, T) bool, False where not allowed (a key a query never saw gets no vote).
+    """
+    B, H, n, _ = q.shape
+    H_kv = k.shape[1]
+    p = attention_probs(q, k, allowed, scaling).view(B, H_kv, H // H_kv, n, -1).mean(2)  # GQA: group mean
+    uniform = 1.0 / allowed.sum(-1, keepdim=True).clamp(min=1)  # (B, H_kv, n, 1)
+    return allowed & (p < uniform)
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def _unpack(bits: Tensor) -> Tensor:
+    """(..., nb) uint8 -> (..., 8 nb) bool, bit j of byte i at column 8 i + j."""
+    return ((bits[..., None] >> _SHIFTS.to(bits.device)) & 1).bool().flatten(-2)
+
+
+def window_update(bits: Optional[Tensor], votes: Tensor, first: int, window: int) -> Tensor:
+    """Write this step's votes into every key's ring of the last `window` queries (Alg. 2's history window).
+
+    bits (B, H_kv, T_old, ceil(w / 8)) uint8 for the keys held before this step, or None; votes (B, H_kv, n, T)
+    for the queries at stream indices first .. first + n - 1 (n <= window). Query s owns bit s mod window, so
+    writing it overwrites the query that left the window; new keys start with no votes. Returns (B, H_kv, T, nb).
+    """
+    B, H_kv, n, T = votes.shape
+    nb = (window + 7) // 8
+    ring = torch.zeros(B, H_kv, T, 8 * nb, dtype=torch.bool, device=votes.device)
+    if bits is not None:
+        ring[:, :, : bits.shape[2]] = _unpack(bits)
+    ring[..., (first + torch.arange(n, device=votes.device)) % window] = votes.transpose(2, 3)
+    packed = ring.view(B, H_kv, T, nb, 8).to(torch.uint8) << _SHIFTS.to(votes.device)
+    return packed.sum(-1).to(torch.uint8)
+
+
+def window_counts(bits: Tensor) -> Tensor:
+    """(B, H_kv, T, nb) ring bits -> (B, H_kv, T) number of window queries that found each key unimportant."""
+    return _unpack(bits).sum(-1)
+
+
+def scissorhands_scores(counts: Tensor, positions: Tensor, n_real: Tensor, n_recent: int) -> Tensor:
+    """Recent window first, then the fewest unimportant votes; ties go to the more recent token.
+
+    counts (B, H_kv, T); positions (B, H_kv, T) real-token positions, -1 for holes; n_real (B,) tokens seen;
+    n_recent: the r most recent tokens are always kept. Returns (B, H_kv, T) float64, higher = keep.
+    """
+    recency = positions.double() / (n_real[:, None, None] + 1)  # in [0, 1): below one vote
+    recent = positions >= (n_real - n_recent)[:, None, None]
+    score = torch.where(recent, 1.0 + recency, recency - counts.double())  # every recent token outranks the rest
+    return score.masked_fill(positions < 0, float("-inf"))
+
+
+@dataclass
+class Scissorhands(EvictionMethod):
+    """Fewest "unimportant" votes over the last w queries, plus the r most recent tokens; evicts while decoding.
+
+    Args:
+        ratio: target tokens seen / tokens kept (at the compressing pass; the budget then stays fixed).
+        budget: absolute tokens kept per layer and head; overrides ratio.
+        history_window: w, the number of most recent queries whose votes count (>= 1).
+        recent_window: r, the most recent tokens always kept (>= 0).
+    """
+
+    history_window: int = 100
+    recent_window: int = 10
+    name = "scissorhands"
+    evict_while_decoding = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.history_window, int) and self.history_window >= 1):
+            raise ValueError(f"Scissorhands: history_window must be an int >= 1, got {self.history_window!r}")
+        if not (isinstance(self.recent_window, int) and self.recent_window >= 0):
+            raise ValueError(f"Scissorhands: recent_window must be an int >= 0, got {self.recent_window!r}")
+
+    def observe(self, step: Step, history: Optional[Tensor]) -> Tensor:
+        """Each held key's ring of votes, this step's last min(q, w) queries written in (older ones left the window)."""
+        T, q = step.keys.shape[2], step.q_len
+        n = min(q, self.history_window)
+        if step.mask is not None:
+            allowed = step.mask[:, :, q - n:]
+        else:  # dense causal: query i of this step sees keys up to T - q + i
+            last = T - q + torch.arange(q - n, q, device=step.keys.device)
+            allowed = (torch.arange(T, device=step.keys.device) <= last[:, None]).expand(*step.keys.shape[:2], n, T)
+        allowed = allowed & step.valid[:, :, None, :]
+        if step.pad_valid is not None:  # padding queries vote for nothing
+            allowed = allowed & step.pad_valid[:, None, step.seen - n: step.seen, None]
+        votes = unimportant_votes(step.queries[:, :, q - n:], step.keys, allowed, step.scaling)
+        return window_update(history, votes, step.seen - n, self.history_window)
+
+    def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
+        return scissorhands_scores(window_counts(history), step.token_positions(), step.n_real(), self.recent_window)
