@@ -39,10 +39,10 @@ def attention_probs(q: Tensor, k: Tensor, mask: Optional[Tensor], scaling: float
     q (B, H, q, D), k (B, H_kv, T, D), mask (B, H_kv, q, T) bool or None -> (B, H, q, T).
     """
     groups = q.shape[1] // k.shape[1]
-    logits = torch.matmul(q.float(), repeat_kv(k, groups).float().transpose(-1, -2)) * scaling
-    if mask is not None:
-        logits = logits.masked_fill(~repeat_kv(mask, groups), float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows (padding queries) -> 0
+    logits = torch.matmul(q.float(), repeat_kv(k, groups).float().transpose(-1, -2)).mul_(scaling)
+    if mask is not None:  # in place: a 1.5k-token prefill's logits are 9 x 1500 x 1500 per layer
+        logits.masked_fill_(~repeat_kv(mask, groups), float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (padding queries) -> 0
 
 
 @dataclass
@@ -71,6 +71,9 @@ class Step:
     #: (B, seen) int64 ids of every token seen, in stream order (padding included; index with
     #: token_slots()); None when the model was fed embeddings instead of ids
     token_ids: Optional[Tensor] = None
+    #: a dict shared by every cache built from one recorded prefill (`cache_from_record`), where stores keep
+    #: results that do not depend on the target ratio (e.g. an eviction method's `observe`); None when live
+    memo: Optional[dict] = None
     _probs: Optional[Tensor] = field(default=None, repr=False)
 
     @property

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -353,6 +353,7 @@ class PrefillRecord:
     #: per layer, the prefill's attention weights (1, H, T, T) once some method asked for them
     #: (`Step.probs()`): every later method compressing from this record reuses them
     probs: Optional[list] = None
+    memo: dict = field(default_factory=dict)  # ratio-independent results of methods' stores (`Step.memo`)
 
 
 class _Recorder(LayerStore):
@@ -415,7 +416,7 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord) -> KVCache
                     valid=torch.ones(B, H_kv, kk.shape[2], dtype=torch.bool, device=k.device),
                     scaling=record.scaling, compress=True, layer_idx=i, num_layers=cache.num_layers, seen=q_len,
                     rope=cache.rope if cache._rotary is not None else None, token_ids=cache.token_ids,
-                    _probs=record.probs[i] if same else None)
+                    memo=record.memo if same else None, _probs=record.probs[i] if same else None)
         layer.store.after_attention(step)
         if same and record.probs[i] is None:
             record.probs[i] = step._probs

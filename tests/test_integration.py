@@ -65,6 +65,12 @@ def test_replay_from_record_equals_live_run(tiny):
     shared = rec.probs[0]
     again = greedy_generate(tiny, cache_from_record(tiny, H2O(budget=20), rec), [q], 8)
     assert rec.probs[0] is shared and again.tokens == h2o_live.tokens == greedy_generate(tiny, first, [q], 8).tokens
+    # its observed statistic is shared between budgets (Step.memo) and still gives each budget's live result
+    assert any(k[0] == "observe" for k in rec.memo)
+    for budget in (12, 30):
+        live_b = greedy_generate(tiny, KVCache(tiny, H2O(budget=budget)), [x, q], 8)
+        replay_b = greedy_generate(tiny, cache_from_record(tiny, H2O(budget=budget), rec), [q], 8)
+        assert replay_b.tokens == live_b.tokens and replay_b.kv_bytes == live_b.kv_bytes
 
 
 @torch.no_grad()

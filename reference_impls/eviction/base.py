@@ -18,6 +18,7 @@ flash-attn's varlen kernel), plus one count per head; the padded view that SDPA 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -76,7 +77,8 @@ class EvictionMethod(KVMethod):
         history (B, H_kv, T_held, ...): what this returned on the previous step, for the keys still held, in
         the order of `step.keys` (0 at empty slots); None on the first step. `step.keys` holds those
         T_held keys followed by this step's q new ones. Returns (B, H_kv, T_held + q, ...): any trailing
-        dims are carried along with their key.
+        dims are carried along with their key. It must not depend on `ratio` or `budget` (it is what the
+        method has seen, not what it keeps): a recorded prefill shares it between target ratios.
         """
         return None
 
@@ -99,6 +101,13 @@ class EvictionMethod(KVMethod):
 
     def new_layer(self, layer_idx: int, num_layers: int) -> "EvictingStore":
         return EvictingStore(self, layer_idx, num_layers)
+
+
+def _without_budget(method: EvictionMethod) -> tuple:
+    """The method's identity apart from ratio/budget (what `observe` may depend on), as a hashable key."""
+    fields = [(f.name, repr(getattr(method, f.name))) for f in dataclasses.fields(method)
+              if f.compare and f.name not in ("ratio", "budget")]
+    return (type(method).__qualname__, tuple(fields))
 
 
 class EvictingStore(DenseStore):
@@ -158,7 +167,15 @@ class EvictingStore(DenseStore):
             self._flatten()
 
     def _evict(self, step: Step) -> None:
-        history = self.method.observe(step, self.history)
+        key = None
+        if step.memo is not None and self.history is None:  # first step from a record: shared across ratios
+            key = ("observe", _without_budget(self.method), self.layer_idx)
+        if key is not None and key in step.memo:
+            history = step.memo[key]
+        else:
+            history = self.method.observe(step, self.history)
+            if key is not None:
+                step.memo[key] = history
         self.history = history
         if step.compress:
             self.row_budget = self.method.layer_budget(step.n_real(), self.layer_idx, self.num_layers)
