@@ -16,6 +16,7 @@ it (the prefill attends at full precision, as in FlexGen's `mha`; a decoded toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from reference_impls.base import KVMethod, LayerStore, Step
 from reference_impls.quantization.primitives import QuantizedTensor
+from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
 
 __all__ = ["FlexGen", "FlexGenStore", "flexgen_quantize"]
 
@@ -85,11 +87,19 @@ class FlexGen(KVMethod):
     def new_layer(self, layer_idx: int, num_layers: int) -> FlexGenStore:
         return FlexGenStore(self)
 
+    def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
+        """Full bytes / bytes held: per token, packed codes and a scale and a zero per group (in the cache's
+        dtype), the same for keys and values; every prompt token is quantized."""
+        D, cb = cache.head_dim, cache.bits
+        return D * cb / (8 * math.ceil(D * self.bits / 8) + math.ceil(D / self.group_size) * 2 * cb)
+
     @classmethod
-    def from_ratio(cls, ratio: float) -> "FlexGen":
-        """The most accurate bits whose ratio to a 16-bit cache, 16 / (b + 32 / G) at G = 32, reaches `ratio`:
-        <= 1.78 -> 8 bits, <= 3.2 -> 4, <= 5.33 -> 2, <= 8 -> 1 (the same table as KIVI, without its window)."""
-        top = 16 / (1 + 32 / 32)
-        if not (isinstance(ratio, (int, float)) and 1 <= ratio <= top):
-            raise ValueError(f"FlexGen: ratio must be in [1, {top:g}] (1-bit codes), got {ratio!r}")
-        return cls(bits=next(b for b in (8, 4, 2, 1) if 16 / (b + 1) >= ratio))
+    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "FlexGen":
+        """The bits (8, 4, 2, 1) and group size (64, 32, 16) whose nominal ratio on `cache` is nearest `ratio`.
+
+        Nominal ratio D cb / (b D + 2 cb D / G): on the benchmark's fp32 cache 32 / (b + 64 / G), so targets
+        2 -> 8 bits G = 16 (2.7x), 4 -> 4 bits G = 16 (4x), 8 -> 2 bits G = 32 (8x); on fp16 (16 / (b + 32 / G))
+        2 -> 8 bits G = 64 (1.9x), 4 -> 2 bits G = 16 (4x), 8 -> 1 bit G = 32 (8x).
+        """
+        candidates = [cls(bits=b, group_size=g) for b in (8, 4, 2, 1) for g in (16, 32, 64)]
+        return closest(ratio, candidates, cache, "FlexGen")

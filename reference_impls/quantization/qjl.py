@@ -26,6 +26,7 @@ from torch import Tensor
 
 from reference_impls.base import KVMethod, LayerStore, Step
 from reference_impls.quantization.primitives import QuantizedTensor, pack, unpack
+from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
 
 __all__ = ["QJL", "QJLStore", "outlier_channels", "qjl_dequantize", "qjl_projection", "qjl_quantize", "qjl_scores"]
 
@@ -157,3 +158,26 @@ class QJL(KVMethod):
 
     def new_layer(self, layer_idx: int, num_layers: int) -> QJLStore:
         return QJLStore(self)
+
+    def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
+        """Full bytes / bytes held after T prompt tokens: per quantized key m + m_out sign bits and two norms (in
+        the cache's dtype) and n_outliers uint8 channel ids per group of G tokens; per quantized value packed
+        codes and a scale and a zero per group of G channels; the T mod buffer_size newest tokens in full."""
+        T, D, cb = cache.tokens, cache.head_dim, cache.bits
+        n = T - T % self.buffer_size
+        keys = n * (self.sketch_dim + self.outlier_sketch_dim + 2 * cb) + n // self.group_size * self.n_outliers * 8
+        values = n * (8 * math.ceil(D * self.value_bits / 8) + math.ceil(D / self.group_size) * 2 * cb)
+        return cache.full_bits() / (keys + values + 2 * (T - n) * D * cb)
+
+    @classmethod
+    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "QJL":
+        """The rung of a ladder whose nominal ratio on `cache` is nearest `ratio`: b-bit values (8, 4, 2, 1) with
+        a key sketch of the same width, m = b D sign bits (m_out = m / 2) per key (the official setting is
+        the b = 2 rung: m = 256 for D = 128). On the benchmark's fp32 cache (D = 64, 1.5k tokens, 92 of them in
+        the full-precision buffer) b = 8 gives 2.5x, 4 -> 4.0x, 2 -> 5.6x, 1 -> 7.0x: targets 2 -> 8, 4 -> 4,
+        8 -> 1. On fp16: 1.4x, 2.5x, 4.0x, 5.6x.
+        """
+        D = cache.head_dim
+        candidates = [cls(sketch_dim=b * D, outlier_sketch_dim=b * D // 2, value_bits=b) for b in (8, 4, 2, 1)
+                      if b * D % 16 == 0]  # both sketches a whole number of bytes
+        return closest(ratio, candidates, cache, "QJL")

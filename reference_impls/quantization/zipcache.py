@@ -17,6 +17,7 @@ step that completes them, as the official code does, normalized by the queries o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from reference_impls.base import KVMethod, LayerStore, Step
 from reference_impls.quantization.primitives import QuantizedTensor, pack, unpack
+from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
 
 __all__ = ["ZipCache", "ZipCacheStore", "normalized_attention", "zipcache_quantize", "zipcache_dequantize"]
 
@@ -141,15 +143,31 @@ class ZipCache(KVMethod):
     def new_layer(self, layer_idx: int, num_layers: int) -> ZipCacheStore:
         return ZipCacheStore(self)
 
-    @staticmethod
-    def nominal_ratio(salient_ratio: float, high_bits: int = 4, low_bits: int = 2) -> float:
-        """16-bit bytes over ZipCache bytes: the mean code width plus about one bit per element of ranges."""
-        return 16 / (salient_ratio * high_bits + (1 - salient_ratio) * low_bits + 1)
+    def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
+        """Full bytes / bytes held after T prompt tokens (one block): packed codes of each set, key ranges per
+        channel and set and value ranges per token (in the cache's dtype), the channel scales c and the 1-bit
+        salient mask."""
+        T, D, cb = cache.tokens, cache.head_dim, cache.bits
+        n = round(self.salient_ratio * T)
+        held = 2 * (n * 8 * math.ceil(D * self.high_bits / 8) + (T - n) * 8 * math.ceil(D * self.low_bits / 8))
+        held += sum(2 * D * cb for m in (n, T - n) if m) + 2 * T * cb + D * cb + 8 * math.ceil(T / 8)
+        return cache.full_bits() / held
 
     @classmethod
-    def from_ratio(cls, ratio: float) -> "ZipCache":
-        """4/2 bits with the salient ratio whose nominal ratio is `ratio`: 3.2x (all 4-bit) to 5.33x (all 2-bit)."""
-        lo, hi = cls.nominal_ratio(1.0), cls.nominal_ratio(0.0)
-        if not (isinstance(ratio, (int, float)) and lo <= ratio <= hi):
-            raise ValueError(f"ZipCache: ratio must be in [{lo:g}, {hi:.3g}] (4/2-bit mixes), got {ratio!r}")
-        return cls(salient_ratio=min(max((16 / ratio - 1 - 2) / 2, 0.0), 1.0))
+    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "ZipCache":
+        """The bit pair (8/4, 4/2 or 2/1, the official 2:1 widths) and salient ratio whose nominal ratio on
+        `cache` is nearest `ratio`; within a pair the salient ratio moves the bytes linearly, so it is solved for.
+
+        On the benchmark's fp32 cache 8/4 spans 3.7x (all salient) to 7.0x, 4/2 7.0x to 12.6x, 2/1 12.6x to
+        21x: targets 2 -> all 8-bit (3.7x, the nearest), 4 -> 8/4 with 86% salient, 8 -> 4/2 with 72%
+        salient. On fp16 4/2 spans 3.7x to 7.0x (the official 4/2 with 60% salient: 4.6x).
+        """
+        candidates = []
+        for high, low in ((8, 4), (4, 2), (2, 1)):
+            # bits held at s = 1/4 and 3/4 (both sets present, so both carry key ranges): a line in s
+            a, b = (cache.full_bits() / cls(salient_ratio=s, high_bits=high, low_bits=low).nominal_ratio(cache)
+                    for s in (0.25, 0.75))
+            target = cache.full_bits() / ratio if isinstance(ratio, (int, float)) and ratio > 0 else a
+            s = min(max(0.25 + 0.5 * (target - a) / (b - a), 0.0), 1.0)
+            candidates.append(cls(salient_ratio=s, high_bits=high, low_bits=low))
+        return closest(ratio, candidates, cache, "ZipCache")

@@ -57,9 +57,11 @@ def test_prefill_is_exact_decoding_is_close_and_replay_is_exact(tiny):
 
 
 def test_from_ratio_and_bad_parameters():
-    assert [FlexGen.from_ratio(r).bits for r in (1.5, 3, 5, 7)] == [8, 4, 2, 1]
+    # fp32 cache: 32 / (b + 64 / G), the nearest on a log scale
+    assert [(m.bits, m.group_size) for m in map(FlexGen.from_ratio, (1, 2, 3.2, 4, 8, 12))] == [
+        (8, 16), (8, 16), (8, 32), (4, 16), (2, 32), (2, 64)]  # 12: 2 bits G = 64 ties 1 bit G = 32 (10.7x)
     with pytest.raises(ValueError, match="ratio"):
-        FlexGen.from_ratio(10)
+        FlexGen.from_ratio(0)
     with pytest.raises(ValueError, match="bits"):
         FlexGen(bits=5)
     with pytest.raises(ValueError, match="group_size"):

@@ -57,9 +57,9 @@ def test_prefill_exact_and_replay_exact(tiny):
 
 
 def test_from_ratio_and_bad_parameters():
-    assert FP8.from_ratio(2) == FP8()
+    assert FP8.from_ratio(2) == FP8.from_ratio(8) == FP8() and FP8().nominal_ratio() == 4  # fp32 cache
     with pytest.raises(ValueError, match="ratio"):
-        FP8.from_ratio(3)
+        FP8.from_ratio(0.9)
     with pytest.raises(ValueError, match="fmt"):
         FP8(fmt="e3m4")
     with pytest.raises(ValueError, match="granularity"):

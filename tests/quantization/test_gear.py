@@ -111,5 +111,6 @@ def test_bad_parameters_are_rejected():
     with pytest.raises(ValueError, match="buffer_size"):
         GEAR(buffer_size=0)
     with pytest.raises(ValueError, match="ratio"):
-        GEAR.from_ratio(4)
-    assert GEAR.from_ratio(3).bits == 2 and GEAR.from_ratio(2).bits == 4
+        GEAR.from_ratio("4")
+    # fp32 cache: 8 bits 2.51, 4 bits 3.66, 2 bits 4.75, 1 bit 5.58
+    assert [GEAR.from_ratio(r).bits for r in (1, 3, 3.1, 4.1, 4.2, 5.1, 5.2, 8)] == [8, 8, 4, 4, 2, 2, 1, 1]

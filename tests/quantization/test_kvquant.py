@@ -213,8 +213,9 @@ def test_bad_parameters_are_rejected():
     with pytest.raises(ValueError, match="rope_theta"):
         KVQuant(rope_theta=0)
     with pytest.raises(ValueError, match="ratio"):
-        KVQuant.from_ratio(6)
-    assert KVQuant.from_ratio(4).bits == 3 and KVQuant.from_ratio(3).bits == 4 and KVQuant.from_ratio(1).bits == 8
+        KVQuant.from_ratio(0.5)
+    # fp32 cache, 1500 tokens: 8 bits 3.23, 6 bits 4.05, 4 bits 5.42, 2 bits 8.2
+    assert [KVQuant.from_ratio(r).bits for r in (1, 2, 4, 5.4, 8, 20)] == [8, 8, 6, 4, 2, 1]
 
 
 @pytest.mark.slow

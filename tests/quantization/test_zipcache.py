@@ -93,6 +93,8 @@ def test_bad_parameters_are_rejected():
     with pytest.raises(ValueError, match="streaming_gap"):
         ZipCache(streaming_gap=0)
     with pytest.raises(ValueError, match="ratio"):
-        ZipCache.from_ratio(8)
-    assert ZipCache.from_ratio(4).salient_ratio == pytest.approx(0.5)
-    assert ZipCache.nominal_ratio(ZipCache.from_ratio(4.5).salient_ratio) == pytest.approx(4.5)
+        ZipCache.from_ratio(-1)
+    for r in (4, 4.5, 8, 15):  # within a pair's span the salient ratio hits the target up to the rounding of s T
+        assert ZipCache.from_ratio(r).nominal_ratio() == pytest.approx(r, rel=5e-3)
+    m = ZipCache.from_ratio(2)  # below every span: all tokens at 8 bits
+    assert (m.high_bits, m.salient_ratio) == (8, 1.0)
