@@ -12,9 +12,11 @@ from reference_impls.eviction.knorm import KNorm
 from reference_impls.eviction.random import RandomEviction
 from reference_impls.eviction.keyformer import Keyformer
 from reference_impls.eviction.scissorhands import Scissorhands
+from reference_impls.eviction.fastgen import FastGen
 
 __all__ = ["EvictingStore", "EvictionMethod", "StreamingLLM", "keep_top"]
 __all__ += ["AdaKV", "KeyDiff", "PyramidKV", "SnapKV"]
 __all__ += ["H2O", "KNorm", "RandomEviction", "TOVA"]
 __all__ += ["Scissorhands"]
 __all__ += ["Keyformer"]
+__all__ += ["FastGen"]
