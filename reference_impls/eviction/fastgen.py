@@ -28,6 +28,7 @@ Deviations:
 
 from __future__ import annotations
 
+import functools
 import string
 import unicodedata
 from dataclasses import dataclass, field, replace
@@ -110,6 +111,7 @@ def fastgen_threshold(recovered: Tensor, cost: Tensor, total: Tensor) -> Tensor:
     return torch.where(used <= total[:, None], cand, -1.0).amax(-1)
 
 
+@functools.lru_cache(maxsize=8)  # decoding the whole vocabulary takes ~1 s; an evaluation asks once per cache
 def token_classes(tokenizer) -> tuple[frozenset, frozenset]:
     """(special ids, punctuation ids) of a Hugging Face tokenizer's vocabulary (Deviation 5)."""
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
