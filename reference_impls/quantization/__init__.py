@@ -5,9 +5,10 @@ from reference_impls.quantization.fp8 import FP8
 from reference_impls.quantization.gear import GEAR
 from reference_impls.quantization.kivi import KIVI
 from reference_impls.quantization.kvquant import KVQuant
-from reference_impls.quantization.primitives import (QuantizedTensor, choose_qparams, dequantize, pack, quantize,
-                                                     unpack)
+from reference_impls.quantization.primitives import (QuantizedTensor, SparseRows, choose_qparams, dense_range,
+                                                     dequantize, pack, quantize, unpack)
 from reference_impls.quantization.qjl import QJL
 from reference_impls.quantization.zipcache import ZipCache
 
-__all__ = ["FP8", "FlexGen", "GEAR", "KIVI", "KVQuant", "QJL", "ZipCache", "QuantizedTensor", "choose_qparams", "dequantize", "pack", "quantize", "unpack"]
+__all__ = ["FP8", "FlexGen", "GEAR", "KIVI", "KVQuant", "QJL", "ZipCache", "QuantizedTensor", "SparseRows", "choose_qparams",
+           "dense_range", "dequantize", "pack", "quantize", "unpack"]

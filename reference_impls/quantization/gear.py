@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from reference_impls.base import KVMethod, LayerStore, Step
-from reference_impls.quantization.kvquant import SparseRows, dense_range
-from reference_impls.quantization.primitives import QuantizedTensor
+from reference_impls.quantization.primitives import QuantizedTensor, SparseRows, dense_range
 from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
 
 __all__ = ["GEAR", "GEARStore", "gear_decompose", "gear_reconstruct"]

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 
 from reference_impls.base import KVMethod, LayerStore, Step
-from reference_impls.quantization.primitives import pack, unpack
+from reference_impls.quantization.primitives import SparseRows, dense_range, pack, unpack
 from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
 
-__all__ = ["KVQuant", "KVQuantStore", "SparseRows", "apply_rope", "dense_range", "fit_levels", "kvquant_fake",
-           "normalize", "nuq_dequantize", "nuq_quantize", "pack_bits", "rope_cos_sin", "unpack_bits"]
+__all__ = ["KVQuant", "KVQuantStore", "apply_rope", "fit_levels", "kvquant_fake", "normalize", "nuq_dequantize",
+           "nuq_quantize", "rope_cos_sin"]
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -52,21 +52,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Te
     if not inverse:
         return (x.float() * cos + sin * torch.cat([-x2, x1], dim=-1)).to(x.dtype)
     return ((x.float() * cos - sin * torch.cat([-x2, x1], dim=-1)) / (cos * cos + sin * sin)).to(x.dtype)
-
-
-def dense_range(x: Tensor, frac: float, dim: int, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Per vector along `dim`: (lo, hi), min and max once its ceil(frac n / 2) largest and smallest are dropped.
-
-    Entries where `keep` is False (padding, sinks) are ignored and n counts the others; entries outside
-    [lo, hi] are the vector's outliers. lo, hi: x's shape and dtype with `dim` of size 1.
-    """
-    keep = torch.ones_like(x, dtype=torch.bool) if keep is None else keep.expand_as(x)
-    s = torch.where(keep, x.float(), float("inf")).movedim(dim, -1).sort(dim=-1).values  # kept entries first
-    n = keep.movedim(dim, -1).sum(-1, keepdim=True)
-    k = torch.minimum(torch.ceil(frac * n.double() / 2 - 1e-9).long(), (n - 1).clamp(min=0) // 2)
-    lo, hi = s.gather(-1, k.clamp(max=s.shape[-1] - 1)), s.gather(-1, (n - 1 - k).clamp(min=0))
-    lo, hi = torch.where(n > 0, lo, 0.0), torch.where(n > 0, hi, 0.0)  # nothing kept: an empty range
-    return lo.movedim(-1, dim).to(x.dtype), hi.movedim(-1, dim).to(x.dtype)
 
 
 def normalize(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -118,49 +103,6 @@ def kvquant_fake(x: Tensor, *, bits: int, outlier_frac: float, dim: int, keep: O
     return torch.where(out, x.float(), nuq_dequantize(codes, lo, hi, levels)).to(x.dtype), out, levels
 
 
-def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Any width 1..8 -> (..., ceil(n bits / 8)) uint8: primitives.pack for 1, 2, 4, 8; else bit planes."""
-    if 8 % bits == 0:
-        return pack(codes, bits)
-    planes = (codes[..., None] >> torch.arange(bits, dtype=torch.uint8, device=codes.device)) & 1
-    return pack(planes.flatten(-2), 1)
-
-
-def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
-    if 8 % bits == 0:
-        return unpack(packed, bits, n)
-    planes = unpack(packed, 1, n * bits).reshape(*packed.shape[:-1], n, bits)
-    return (planes << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8)
-
-
-class SparseRows:
-    """Sparse entries of a (B, H, T, D) tensor growing along T: flat time-major indices + their values."""
-
-    def __init__(self):
-        self.idx, self.val, self.rows = torch.zeros(0, dtype=torch.int32), None, 0
-
-    def add(self, x: Tensor, mask: Tensor) -> None:
-        """Append the next q tokens' entries x[mask]; x, mask (B, H, q, D)."""
-        flat, m = x.permute(2, 0, 1, 3).reshape(-1), mask.permute(2, 0, 1, 3).reshape(-1)
-        i = m.nonzero().squeeze(1)
-        new = i + self.rows * x[:, :, 0].numel()  # time-major: earlier tokens' indices never move
-        if new.numel() and int(new.max()) >= 2 ** 31:
-            self.idx = self.idx.long()
-        self.idx = torch.cat([self.idx.to(x.device), new.to(self.idx.dtype)])
-        self.val = flat[i] if self.val is None else torch.cat([self.val, flat[i]])
-        self.rows += x.shape[2]
-
-    def put(self, dense: Tensor, add: bool = False) -> Tensor:
-        """dense (B, H, T, D) with the sparse entries written over it (or added to it)."""
-        B, H, T, D = dense.shape
-        flat = dense.permute(2, 0, 1, 3).reshape(-1)
-        flat = flat.index_put((self.idx.long(),), self.val.to(dense.dtype), accumulate=add)
-        return flat.reshape(T, B, H, D).permute(1, 2, 0, 3)
-
-    def nbytes(self) -> int:
-        return self.idx.nbytes + (0 if self.val is None else self.val.nbytes)
-
-
 class KVQuantStore(LayerStore):
     """Packed nuqX codes of pre-RoPE keys and of values, their ranges, the layer's levels, sparse outliers."""
 
@@ -193,8 +135,8 @@ class KVQuantStore(LayerStore):
         if self.kc is None:
             return self.k, self.v, None
         D, b = k.shape[-1], self.m.bits
-        pre = self.k_out.put(nuq_dequantize(unpack_bits(self.kc, b, D), self.k_lo, self.k_hi, self.levels_k))
-        vals = self.v_out.put(nuq_dequantize(unpack_bits(self.vc, b, D), self.v_lo, self.v_hi, self.levels_v))
+        pre = self.k_out.put(nuq_dequantize(unpack(self.kc, b, D), self.k_lo, self.k_hi, self.levels_k))
+        vals = self.v_out.put(nuq_dequantize(unpack(self.vc, b, D), self.v_lo, self.v_hi, self.levels_v))
         keys = self.rotate(pre, 0, inverse=False).to(k.dtype)  # de-quantized pre-RoPE keys, rotated again
         return torch.cat([keys, self.k], dim=2), torch.cat([vals.to(v.dtype), self.v], dim=2), None
 
@@ -223,7 +165,7 @@ class KVQuantStore(LayerStore):
         self.k_out.add(pre, (k_out | sink) & valid)  # padding is never attended: not kept
         self.v_out.add(self.v, (v_out | sink) & valid)
         cat = lambda old, new: new if old is None else torch.cat([old, new], dim=2)  # noqa: E731
-        self.kc, self.vc = cat(self.kc, pack_bits(kc, m.bits)), cat(self.vc, pack_bits(vc, m.bits))
+        self.kc, self.vc = cat(self.kc, pack(kc, m.bits)), cat(self.vc, pack(vc, m.bits))
         self.v_lo, self.v_hi = cat(self.v_lo, v_lo), cat(self.v_hi, v_hi)
         self.k = self.v = None
 

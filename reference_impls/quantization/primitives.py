@@ -3,7 +3,9 @@
     scale, zero = choose_qparams(x, bits=b, dim=d, group_size=g)     # asymmetric min-max, per group
     codes = quantize(x, scale, zero, bits=b, dim=d, group_size=g)     # uint8, 0 .. 2^b - 1, unpacked
     x_hat = dequantize(codes, scale, zero, dim=d, group_size=g, dtype=torch.float16)
-    packed = pack(codes, b); codes = unpack(packed, b, n)            # 8 / b codes per byte, last dim
+    packed = pack(codes, b); codes = unpack(packed, b, n)            # a bit stream along the last dim
+    lo, hi = dense_range(x, frac, dim)                                # outliers: outside [lo, hi], kept exact
+    rows = SparseRows(); rows.add(x, mask); x_hat = rows.put(x_hat)   # ... in a growing sparse store
 
 A group is `group_size` consecutive elements along `dim`; the last group may be shorter. Within a group,
 with qmax = 2^b - 1 (arXiv 2402.02750 Eq. 1, the asymmetric round-to-nearest of KIVI and FlexGen):
@@ -25,8 +27,11 @@ keys/values (B, H_kv, T, D):
     | per-channel, groups of tokens | -2  | g          | (B, H_kv, T / g, D) | KIVI keys                    |
 
 Scale and zero are computed in fp32 and stored in x's dtype (fp16 for an fp16 cache, as KIVI's code
-does); pass `dtype=` to choose_qparams to store them otherwise. quantize/choose_qparams accept any bits in
-1..8; `pack` accepts 1, 2, 4, 8 (a whole number of codes per byte).
+does); pass `dtype=` to choose_qparams to store them otherwise. Every verb accepts any bits in 1..8; 1, 2, 4
+and 8 bits put a whole number of codes in a byte, other widths straddle bytes (same bit stream).
+
+Dense-and-sparse (KVQuant, GEAR): `dense_range` gives each vector's range once its extreme entries are
+dropped; the entries outside it are outliers, stored exactly by `SparseRows` (int32 index + value).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["QuantizedTensor", "choose_qparams", "dequantize", "pack", "quantize", "unpack"]
+__all__ = ["QuantizedTensor", "SparseRows", "choose_qparams", "dense_range", "dequantize", "pack", "quantize",
+           "unpack"]
 
 PACK_BITS = (1, 2, 4, 8)
 
@@ -99,13 +105,22 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, *, dim: int, group_si
     return _ungroup(torch.addcmul(z, s, _groups(codes, dim, group_size)), dim, codes.shape[dim]).to(dtype)
 
 
-def pack(codes: Tensor, bits: int) -> Tensor:
-    """Pack uint8 codes (< 2^bits) along the last dim, 8 // bits per byte, first code in the low bits.
+def _check_pack(bits: int) -> None:
+    if not (isinstance(bits, int) and 1 <= bits <= 8):
+        raise ValueError(f"bits must be an int in 1..8 to pack, got {bits!r}")
 
-    (..., n) -> (..., ceil(n * bits / 8)) uint8; a ragged tail is padded with zero codes.
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack uint8 codes (< 2^bits) along the last dim as a little-endian bit stream: bit j of code i is bit
+    i * bits + j of the stream, which fills byte 0 from its low bit, then byte 1 ...
+
+    (..., n) -> (..., ceil(n * bits / 8)) uint8; the tail is padded with zero bits. For 1, 2, 4 and 8 bits this
+    puts 8 // bits whole codes in a byte, the first in the low bits (the layout the Triton kernels read).
     """
-    if bits not in PACK_BITS:
-        raise ValueError(f"bits must be one of {PACK_BITS} to pack, got {bits!r}")
+    _check_pack(bits)
+    if 8 % bits:  # 3, 5, 6, 7 bits: codes straddle bytes; spell out each code's bits and pack those 1 per bit
+        stream = (codes.to(torch.uint8)[..., None] >> torch.arange(bits, dtype=torch.uint8, device=codes.device)) & 1
+        return pack(stream.flatten(-2), 1)
     if bits == 8:
         return codes.to(torch.uint8)
     per = 8 // bits
@@ -121,16 +136,62 @@ def pack(codes: Tensor, bits: int) -> Tensor:
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of `pack`: (..., ceil(n * bits / 8)) uint8 -> (..., n) uint8 codes."""
-    if bits not in PACK_BITS:
-        raise ValueError(f"bits must be one of {PACK_BITS} to unpack, got {bits!r}")
-    per = 8 // bits
-    if packed.shape[-1] * per < n:
-        raise ValueError(f"n={n} codes need {-(-n // per)} bytes, got {packed.shape[-1]}")
+    _check_pack(bits)
+    if packed.shape[-1] * 8 < n * bits:
+        raise ValueError(f"n={n} codes of {bits} bits need {-(-n * bits // 8)} bytes, got {packed.shape[-1]}")
+    if 8 % bits:
+        stream = unpack(packed, 1, n * bits).reshape(*packed.shape[:-1], n, bits)
+        return (stream << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8)
     if bits == 8:
         return packed[..., :n]
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed[..., None] >> shifts) & (2 ** bits - 1)  # (..., bytes, per)
     return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def dense_range(x: Tensor, frac: float, dim: int, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per vector along `dim`: (lo, hi), min and max once its ceil(frac n / 2) largest and smallest are dropped.
+
+    Entries where `keep` is False (padding, sinks) are ignored and n counts the others; entries outside
+    [lo, hi] are the vector's outliers. lo, hi: x's shape and dtype with `dim` of size 1.
+    """
+    keep = torch.ones_like(x, dtype=torch.bool) if keep is None else keep.expand_as(x)
+    s = torch.where(keep, x.float(), float("inf")).movedim(dim, -1).sort(dim=-1).values  # kept entries first
+    n = keep.movedim(dim, -1).sum(-1, keepdim=True)
+    k = torch.minimum(torch.ceil(frac * n.double() / 2 - 1e-9).long(), (n - 1).clamp(min=0) // 2)
+    lo, hi = s.gather(-1, k.clamp(max=s.shape[-1] - 1)), s.gather(-1, (n - 1 - k).clamp(min=0))
+    lo, hi = torch.where(n > 0, lo, 0.0), torch.where(n > 0, hi, 0.0)  # nothing kept: an empty range
+    return lo.movedim(-1, dim).to(x.dtype), hi.movedim(-1, dim).to(x.dtype)
+
+
+class SparseRows:
+    """Sparse entries of a (B, H, T, D) tensor growing along T: flat time-major indices + their values."""
+
+    def __init__(self):
+        self.idx, self.val, self.rows = torch.zeros(0, dtype=torch.int32), None, 0
+
+    def add(self, x: Tensor, mask: Tensor) -> None:
+        """Append the next q tokens' entries x[mask]; x, mask (B, H, q, D)."""
+        flat, m = x.permute(2, 0, 1, 3).reshape(-1), mask.permute(2, 0, 1, 3).reshape(-1)
+        i = m.nonzero().squeeze(1)
+        new = i + self.rows * x[:, :, 0].numel()  # time-major: earlier tokens' indices never move
+        if new.numel() and int(new.max()) >= 2 ** 31:
+            self.idx = self.idx.long()
+        self.idx = torch.cat([self.idx.to(x.device), new.to(self.idx.dtype)])
+        self.val = flat[i] if self.val is None else torch.cat([self.val, flat[i]])
+        self.rows += x.shape[2]
+
+    def put(self, dense: Tensor, add: bool = False) -> Tensor:
+        """dense (B, H, T, D) with the sparse entries written over it (or added to it)."""
+        if self.val is None:
+            return dense
+        B, H, T, D = dense.shape
+        flat = dense.permute(2, 0, 1, 3).reshape(-1)
+        flat = flat.index_put((self.idx.long(),), self.val.to(dense.dtype), accumulate=add)
+        return flat.reshape(T, B, H, D).permute(1, 2, 0, 3)
+
+    def nbytes(self) -> int:
+        return self.idx.nbytes + (0 if self.val is None else self.val.nbytes)
 
 
 @dataclass

@@ -10,8 +10,9 @@ from reference_impls import Full, KVCache
 from reference_impls.base import Step
 from reference_impls.models import tiny_llama
 from reference_impls.quantization import kvquant
-from reference_impls.quantization.kvquant import (KVQuant, apply_rope, dense_range, fit_levels, kvquant_fake,
-                                                  nuq_quantize, pack_bits, rope_cos_sin, unpack_bits)
+from reference_impls.quantization.kvquant import (KVQuant, apply_rope, fit_levels, kvquant_fake, nuq_quantize,
+                                                  rope_cos_sin)
+from reference_impls.quantization.primitives import dense_range
 
 
 def ids(n, seed=0):
@@ -126,12 +127,6 @@ def test_kmeans_levels_beat_a_uniform_grid_on_bell_shaped_data():
         nuq, uni = fit_levels(x, bits), torch.linspace(-1, 1, 2 ** bits)
         err = lambda lv: ((x[:, None] - lv).abs().min(-1).values ** 2).mean()  # noqa: E731
         assert err(nuq) < 0.8 * err(uni)
-
-
-def test_any_width_packs_into_ceil_n_bits_over_8_bytes():
-    c = torch.randint(0, 8, (2, 3, 5, 17), dtype=torch.uint8)
-    p = pack_bits(c, 3)
-    assert p.shape == (2, 3, 5, math.ceil(17 * 3 / 8)) and torch.equal(unpack_bits(p, 3, 17), c)
 
 
 @torch.no_grad()

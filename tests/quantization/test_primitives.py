@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference_impls.quantization.primitives import (QuantizedTensor, choose_qparams, dequantize, pack, quantize,
-                                                     unpack)
+from reference_impls.quantization.primitives import (QuantizedTensor, SparseRows, choose_qparams, dequantize, pack,
+                                                     quantize, unpack)
 
 
 @settings(max_examples=60, deadline=None)
@@ -35,12 +35,16 @@ def test_round_trip_error_is_within_half_a_step(bits, n, group, dim, dtype, seed
 
 
 @settings(max_examples=80, deadline=None)
-@given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(1, 67), rows=st.integers(1, 4), seed=st.integers(0, 2**16))
+@given(bits=st.integers(1, 8), n=st.integers(1, 67), rows=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_pack_unpack_is_bit_exact_for_every_width_and_odd_length(bits, n, rows, seed):
     codes = torch.randint(0, 2 ** bits, (rows, 2, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     packed = pack(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, 2, -(-n * bits // 8))
     assert torch.equal(unpack(packed, bits, n), codes)
+    # independent reference: the little-endian bit stream, bit j of code i at stream position i * bits + j
+    stream = [(int(c) >> j) & 1 for c in codes[0, 0] for j in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    assert packed[0, 0].tolist() == [sum(b << i for i, b in enumerate(stream[k:k + 8])) for k in range(0, len(stream), 8)]
 
 
 def test_pack_layout_first_code_in_low_bits():
@@ -93,6 +97,32 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="dim"):
         quantize(x, x, x, bits=4, dim=2, group_size=8)
     with pytest.raises(ValueError, match="bits"):
-        pack(torch.zeros(3, dtype=torch.uint8), 3)
+        pack(torch.zeros(3, dtype=torch.uint8), 9)
+    with pytest.raises(ValueError, match="bytes"):
+        unpack(torch.zeros(2, dtype=torch.uint8), 3, 6)  # 18 bits need 3 bytes
     with pytest.raises(ValueError, match="bytes"):
         unpack(torch.zeros(2, dtype=torch.uint8), 4, 5)
+
+
+def test_any_width_round_trips_through_quantized_tensor():
+    x = torch.randn(2, 3, 9, 20)
+    for bits in (3, 5, 6, 7):
+        q = QuantizedTensor.from_float(x, bits=bits, dim=-1, group_size=8)
+        assert q.data.shape == (2, 3, 9, -(-20 * bits // 8))
+        ref = dequantize(quantize(x, *choose_qparams(x, bits=bits, dim=-1, group_size=8), bits=bits, dim=-1,
+                                  group_size=8), *choose_qparams(x, bits=bits, dim=-1, group_size=8), dim=-1,
+                         group_size=8)
+        assert torch.equal(q.dequantize(), ref)
+
+
+def test_sparse_rows_write_and_add_entries_at_their_places_as_tokens_arrive():
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(2, 3, 7, 5, generator=g), torch.rand(2, 3, 7, 5, generator=g) < 0.2
+    rows = SparseRows()
+    rows.add(x[:, :, :4], mask[:, :, :4])
+    rows.add(x[:, :, 4:], mask[:, :, 4:])  # a later chunk: earlier indices stay valid
+    base = torch.randn(2, 3, 7, 5, generator=g)
+    assert torch.equal(rows.put(base), torch.where(mask, x, base))
+    assert torch.allclose(rows.put(base, add=True), torch.where(mask, x + base, base))
+    assert rows.nbytes() == int(mask.sum()) * (4 + 4)  # int32 index + fp32 value
+    assert torch.equal(SparseRows().put(base), base)
