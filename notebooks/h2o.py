@@ -25,12 +25,13 @@
 import matplotlib.pyplot as plt
 import torch
 
-from reference_impls import KVCache, load_model
+from reference_impls import load_model
 from reference_impls.base import attention_probs
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import H2O
 from reference_impls.eviction.h2o import h2o_accumulate
 from reference_impls.integration import record_prefill
+from reference_impls.report import decode_keeps_memory_flat
 
 model, tok = load_model()
 
@@ -39,19 +40,10 @@ model, tok = load_model()
 # Budget 20 (10 heavy + 10 recent) on a 200-token prompt; then 5 decoded tokens, each evicting one token.
 
 # %%
-ids = torch.randint(100, 5000, (1, 200), generator=torch.Generator().manual_seed(0))
-cache = KVCache(model, H2O(budget=20))
-with torch.no_grad():
-    model(ids, cache=cache)
-    kept = cache.layers[7].store.kept_slots()[0, 0].tolist()
-    print("layer 7, head 0 after prefill:", kept)
-    assert len(kept) == 20 and kept[-10:] == list(range(190, 200))
-    held = cache.nbytes()
-    for t in range(5):
-        model(torch.tensor([[42]]), cache=cache)
-        assert cache.nbytes() == held
-    print("after 5 decoded tokens:     ", cache.layers[7].store.kept_slots()[0, 0].tolist())
-    print(f"bytes held {cache.nbytes()} (constant) vs full {cache.full_nbytes()}")
+cache, kept = decode_keeps_memory_flat(model, H2O(budget=20))
+print("layer 7, head 0 after prefill:", kept[0][7][0, 0].tolist())
+print("after 5 decoded tokens:     ", kept[-1][7][0, 0].tolist())
+assert kept[0][7].shape[-1] == 20 and kept[0][7][0, 0, -10:].tolist() == list(range(190, 200))
 
 # %% [markdown]
 # ## The paper's observation in miniature: attention mass follows a power law

@@ -27,12 +27,13 @@
 import matplotlib.pyplot as plt
 import torch
 
-from reference_impls import KVCache, load_model
+from reference_impls import load_model
 from reference_impls.base import attention_probs
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import Scissorhands
 from reference_impls.eviction.scissorhands import unimportant_votes, window_counts
 from reference_impls.integration import record_prefill
+from reference_impls.report import decode_keeps_memory_flat
 
 model, tok = load_model()
 
@@ -41,21 +42,11 @@ model, tok = load_model()
 # Budget 20 (recent window 5, history window 100) on a 200-token prompt; then 5 decoded tokens, each evicting one.
 
 # %%
-ids = torch.randint(100, 5000, (1, 200), generator=torch.Generator().manual_seed(0))
-cache = KVCache(model, Scissorhands(budget=20, recent_window=5))
-with torch.no_grad():
-    model(ids, cache=cache)
-    store = cache.layers[7].store
-    kept = store.kept_slots()[0, 0].tolist()
-    print("layer 7, KV head 0 after prefill:", kept)
-    print("  unimportant votes of the kept:  ", window_counts(store.history)[0, 0].tolist())
-    assert len(kept) == 20 and kept[-5:] == list(range(195, 200))
-    held = cache.nbytes()
-    for t in range(5):
-        model(torch.tensor([[42]]), cache=cache)
-        assert cache.nbytes() == held
-    print("after 5 decoded tokens:          ", cache.layers[7].store.kept_slots()[0, 0].tolist())
-    print(f"bytes held {cache.nbytes()} (constant) vs full {cache.full_nbytes()}")
+cache, kept = decode_keeps_memory_flat(model, Scissorhands(budget=20, recent_window=5))
+print("layer 7, KV head 0 after prefill:", kept[0][7][0, 0].tolist())
+print("after 5 decoded tokens:          ", kept[-1][7][0, 0].tolist())
+print("  unimportant votes of the kept:  ", window_counts(cache.layers[7].store.history)[0, 0].tolist())
+assert kept[0][7].shape[-1] == 20 and kept[0][7][0, 0, -5:].tolist() == list(range(195, 200))
 
 # %% [markdown]
 # ## The paper's observation in miniature: importance persists

@@ -22,10 +22,11 @@
 import matplotlib.pyplot as plt
 import torch
 
-from reference_impls import KVCache, load_model
+from reference_impls import load_model
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import TOVA
 from reference_impls.integration import cache_from_record, record_prefill
+from reference_impls.report import decode_keeps_memory_flat
 
 model, tok = load_model()
 
@@ -35,18 +36,11 @@ model, tok = load_model()
 # bytes held stay constant while decoding.
 
 # %%
-ids = torch.randint(100, 5000, (1, 200), generator=torch.Generator().manual_seed(0))
-cache = KVCache(model, TOVA(budget=24))
-with torch.no_grad():
-    model(ids, cache=cache)
-    kept = cache.layers[7].store.kept_slots()[0]
-    assert kept.shape[-1] == 24 and all(torch.equal(kept[0], kept[h]) for h in range(kept.shape[0]))
-    print("layer 7 after prefill:", kept[0].tolist())
-    held = cache.nbytes()
-    for t in range(5):
-        model(torch.tensor([[42]]), cache=cache)
-        assert cache.nbytes() == held
-    print("after 5 decoded tokens:", cache.layers[7].store.kept_slots()[0, 0].tolist())
+cache, kept = decode_keeps_memory_flat(model, TOVA(budget=24))
+k0 = kept[0][7][0]  # layer 7 after prefill, (H_kv, 24)
+assert k0.shape[-1] == 24 and all(torch.equal(k0[0], k0[h]) for h in range(k0.shape[0]))
+print("layer 7 after prefill:", k0[0].tolist())
+print("after 5 decoded tokens:", kept[-1][7][0, 0].tolist())
 
 # %% [markdown]
 # ## The paper's observation in miniature: which tokens a bounded multi-state keeps

@@ -20,3 +20,12 @@ def test_show_evidence_prints_summary_and_full_baseline(tmp_path, capsys):
 def test_show_evidence_missing_file_names_the_command(tmp_path, capsys):
     assert show_evidence("results/eviction/nonexistent.json", "t", plot=False) is None
     assert "scripts/evidence.py --methods nonexistent" in capsys.readouterr().out
+
+
+def test_decode_keeps_memory_flat_returns_kept_slots_per_step(tiny, capsys):
+    from reference_impls.eviction.h2o import H2O
+    from reference_impls.report import decode_keeps_memory_flat
+
+    cache, kept = decode_keeps_memory_flat(tiny, H2O(budget=12), prompt_tokens=30, steps=3)
+    assert len(kept) == 4 and all(k.shape[-1] == 12 for step in kept for k in step)
+    assert cache.get_seq_length() == 33 and "constant over 3 decoded tokens" in capsys.readouterr().out
