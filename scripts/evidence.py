@@ -40,18 +40,25 @@ def main() -> int:
     model, tok = load_model()
     samples = passkey_samples(args.samples, args.tokens, args.seed, tokenizer=tok)
     t0 = time.time()
-    rows = evaluate(model, tok, {n: (lambda r, n=n: make_method(n, r, tok)) for n in names}, ratios, samples,
-                    settings=args.settings.split(","), progress=lambda m: print(m, file=sys.stderr, flush=True))
     families = {n: method_class(n).__module__.split(".")[1] for n in names}
-    config = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "samples": args.samples,
-              "tokens": args.tokens, "seed": args.seed, "ratios": ratios, "torch": torch.__version__,
-              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "wall_s": time.time() - t0}
-    for n in names:
-        out = Path(args.out or f"results/{families[n]}")
-        out.mkdir(parents=True, exist_ok=True)
-        mine = [r for r in rows if r["method"] == n]
-        (out / f"{n}.json").write_text(json.dumps({"config": config, "summary": summarize(mine), "rows": mine}, indent=1))
-        print(f"wrote {out / f'{n}.json'}", file=sys.stderr)
+    factories = {n: (lambda r, n=n: make_method(n, r, tok)) for n in names}
+    rows = []
+    for i, sample in enumerate(samples):  # files rewritten after every prompt: an interrupted run keeps its data
+        for r in evaluate(model, tok, factories, ratios, [sample], settings=args.settings.split(","),
+                          progress=lambda m, i=i: print(m.replace("sample 0", f"sample {i}", 1), file=sys.stderr,
+                                                        flush=True)):
+            rows.append(dict(r, sample=i))
+        config = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "samples": i + 1,
+                  "samples_planned": args.samples, "tokens": args.tokens, "seed": args.seed, "ratios": ratios,
+                  "torch": torch.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+                  "wall_s": round(time.time() - t0, 1)}
+        for n in names:
+            out = Path(args.out or f"results/{families[n]}")
+            out.mkdir(parents=True, exist_ok=True)
+            mine = [r for r in rows if r["method"] == n]
+            (out / f"{n}.json").write_text(json.dumps({"config": config, "summary": summarize(mine), "rows": mine},
+                                                      indent=1))
+    print(f"wrote {', '.join(names)} under results/", file=sys.stderr)
     for s in summarize(rows):
         print(f"{s['method']:14} {s['setting']:15} x{s['target_ratio']:<5g} achieved {s['achieved_ratio']:6.2f} "
               f"acc {s['accuracy']:.2f}")

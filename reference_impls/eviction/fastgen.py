@@ -188,9 +188,17 @@ class FastGen(EvictionMethod):
             q_real, q_pos = torch.ones(B, step.q_len, dtype=torch.bool, device=q_slots.device), q_slots.expand(B, -1)
         else:
             q_real, q_pos = step.pad_valid[:, q_slots], (step.pad_valid.long().cumsum(-1) - 1)[:, q_slots]
-        special, punct = self._classes(step)
-        keep, recovered, freq = fastgen_profile(step.probs(), q_real, q_pos, step.token_positions(), special, punct,
-                                                step.n_real(), r_local=self.r_local, r_frequent=self.r_frequent)
+        # the profile does not depend on the budget: a recorded prefill shares it between target ratios
+        key = ("fastgen", step.layer_idx, self.r_local, self.r_frequent, self.special_ids, self.punct_ids)
+        if step.memo is not None and step.compress and key in step.memo:
+            keep, recovered, freq = step.memo[key]
+        else:
+            special, punct = self._classes(step)
+            keep, recovered, freq = fastgen_profile(step.probs(), q_real, q_pos, step.token_positions(), special,
+                                                    punct, step.n_real(), r_local=self.r_local,
+                                                    r_frequent=self.r_frequent)
+            if step.memo is not None and step.compress:
+                step.memo[key] = keep, recovered, freq
         if self.recovery is None:
             threshold = fastgen_threshold(recovered, keep.sum(-1), H_kv * budget)
         else:

@@ -259,3 +259,18 @@ def test_bad_parameters_and_missing_token_ids_are_rejected(tiny):
         tiny(inputs_embeds=emb, cache=KVCache(tiny, FastGen(budget=8, special_ids={5})))
     with torch.no_grad():  # without token classes no ids are needed
         tiny(inputs_embeds=emb, cache=KVCache(tiny, FastGen(budget=8)))
+
+
+def test_a_recorded_prefill_shares_the_profile_between_ratios_and_matches_live_runs():
+    from reference_impls.integration import cache_from_record, record_prefill
+
+    model = tiny_llama()
+    x = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(7))
+    rec = record_prefill(model, x)
+    for budget in (10, 20, 30):
+        live = KVCache(model, FastGen(budget=budget))
+        model(x, cache=live)
+        replay = cache_from_record(model, FastGen(budget=budget), rec)
+        for a, b in zip(live.layers, replay.layers):
+            assert torch.equal(a.store.kept_slots(), b.store.kept_slots())
+    assert sum(k[0] == "fastgen" for k in rec.memo) == model.config.num_hidden_layers  # profiled once per layer
