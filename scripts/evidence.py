@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--first", type=int, default=0, help="skip the first prompts (to split a run across processes)")
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--out", default=None, help="folder for the JSON files (default results/<family>)")
     args = ap.parse_args()
@@ -44,13 +45,15 @@ def main() -> int:
     factories = {n: (lambda r, n=n: make_method(n, r, tok)) for n in names}
     rows = []
     for i, sample in enumerate(samples):  # files rewritten after every prompt: an interrupted run keeps its data
+        if i < args.first:
+            continue
         for r in evaluate(model, tok, factories, ratios, [sample], settings=args.settings.split(","),
                           progress=lambda m, i=i: print(m.replace("sample 0", f"sample {i}", 1), file=sys.stderr,
                                                         flush=True)):
             rows.append(dict(r, sample=i))
-        config = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "samples": i + 1,
-                  "samples_planned": args.samples, "tokens": args.tokens, "seed": args.seed, "ratios": ratios,
-                  "torch": torch.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        config = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "samples": i + 1 - args.first,
+                  "first_sample": args.first, "samples_planned": args.samples, "tokens": args.tokens,
+                  "seed": args.seed, "ratios": ratios, "torch": torch.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
                   "wall_s": round(time.time() - t0, 1)}
         for n in names:
             out = Path(args.out or f"results/{families[n]}")
