@@ -100,5 +100,5 @@ show_evidence("results/eviction/h2o.json", "H2O on SmolLM2-135M")
 # | | paper (OPT, LLaMA, GPT-NeoX; 6.7B-66B) | here (SmolLM2-135M, CPU) |
 # |---|---|---|
 # | heavy hitters | accumulated attention follows a power law; >95% of attention matrices are sparse (Sec. 3, Fig. 2) | sorted per-query attention falls steeply on log-log axes; the top 10%/20% of tokens hold the shares printed above |
-# | accuracy | 20% heavy hitters (+ recent) matches the full cache on HELM/lm-eval tasks; up to 29x throughput (abstract) | see the table: passkey accuracy against the measured ratio (few prompts: coarse) |
+# | accuracy | 20% heavy hitters (+ recent) matches the full cache on HELM/lm-eval tasks; up to 29x throughput (abstract) | see the table: passkey accuracy against the measured ratio (30 prompts per point; the full cache answers all 30) |
 # | retrieval | — (the benchmark seed, arXiv 2407.01527, finds H2O weak on needle tasks at high ratios) | the needle survives only if it became a heavy hitter before the question; query-aware prefill helps because the question's queries vote |
