@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--first", type=int, default=0, help="skip the first prompts (to split a run across processes)")
+    ap.add_argument("--stop", type=int, default=None, help="stop before this prompt index (with --first: a slice)")
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--out", default=None, help="folder for the JSON files (default results/<family>)")
     args = ap.parse_args()
@@ -45,7 +46,7 @@ def main() -> int:
     factories = {n: (lambda r, n=n: make_method(n, r, tok)) for n in names}
     rows = []
     for i, sample in enumerate(samples):  # files rewritten after every prompt: an interrupted run keeps its data
-        if i < args.first:
+        if i < args.first or (args.stop is not None and i >= args.stop):
             continue
         for r in evaluate(model, tok, factories, ratios, [sample], settings=args.settings.split(","),
                           progress=lambda m, i=i: print(m.replace("sample 0", f"sample {i}", 1), file=sys.stderr,
