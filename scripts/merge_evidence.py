@@ -28,6 +28,7 @@ def main(paths: list[str]) -> int:
             rows.append(r)
     rows.sort(key=lambda r: (r["sample"], r["setting"], r["target_ratio"]))
     config = dict(parts[0]["config"], samples=len({r["sample"] for r in rows}), first_sample=0,
+                  ratios=sorted({r["target_ratio"] for r in rows}), settings=sorted({r["setting"] for r in rows}),
                   wall_s=sum(p["config"].get("wall_s", 0) for p in parts),
                   processes=f"{len(parts)} processes over disjoint prompts, merged by scripts/merge_evidence.py")
     Path(paths[0]).write_text(json.dumps({"config": config, "summary": summarize(rows), "rows": rows}, indent=1))
