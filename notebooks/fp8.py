@@ -81,8 +81,8 @@ for (fmt, gran), (ek, ev, r) in results.items():
 # %% [markdown]
 # ## Evidence: 30 passkey prompts of ~1.5k tokens
 # `FP8.from_ratio` has one configuration, E4M3 with one scale per tensor, whatever the target: against the
-# fp32 cache this model holds on CPU it gives 4x (2x against fp16), so the evidence run measures it once, at
-# target 4.
+# fp32 cache this model holds on CPU it gives 4x (2x against fp16), so the three
+# targets measure the same cache (targets 2 and 8 ran in the query-agnostic setting only, target 4 in both).
 
 # %%
 from reference_impls.report import show_evidence
@@ -95,3 +95,4 @@ show_evidence("results/quantization/fp8.json", "FP8 on SmolLM2-135M")
 # |---|---|---|
 # | memory | 2x less than a 16-bit cache (vLLM docs: "approximately double" the space) | 0.5x of fp16 plus 8 bytes of scales per layer (table above) |
 # | precision | E4M3 more precise, E5M2 wider range (arXiv 2209.05433); vLLM recommends calibrated E4M3 | E4M3 errors about half of E5M2's at every layer, as 3 vs 2 mantissa bits predict; per-head scales change little because E4M3's exponent covers the spread between heads |
+# | accuracy | served as near-lossless (vLLM docs) | 30/30 passkeys in both settings at 4x against the fp32 cache (evidence above), like the full cache |
