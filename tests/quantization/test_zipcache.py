@@ -9,9 +9,7 @@ from reference_impls import Full, KVCache
 from reference_impls.base import Step
 from reference_impls.quantization.zipcache import ZipCache, normalized_attention
 
-
-def ids(n, seed=0):
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+from quant_checks import ids
 
 
 def minmax_ref(x, bits, dim):

@@ -1,0 +1,25 @@
+"""Helpers shared by the quantization tests: token ids for the tiny Llama, and feeding a store by hand."""
+
+import torch
+
+from reference_impls.base import Step
+
+
+def ids(n, seed=0):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def drive(store, k, v, chunks):
+    """Feed a store (k, v) chunk by chunk as the cache does, the first chunk being the compressing pass.
+
+    Returns the (keys, values) the store handed attention for each chunk."""
+    t, outs = 0, []
+    for i, q in enumerate(chunks):
+        kk, vv, slots = store.append(k[:, :, t:t + q], v[:, :, t:t + q])
+        outs.append((kk, vv))
+        B, H, T, D = kk.shape
+        store.after_attention(Step(queries=torch.zeros(B, H, q, D), keys=kk, values=vv, slots=slots, mask=None,
+                                   valid=torch.ones(B, H, T, dtype=torch.bool), scaling=1.0, compress=i == 0,
+                                   layer_idx=0, num_layers=1, seen=t + q))
+        t += q
+    return outs
