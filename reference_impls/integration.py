@@ -111,6 +111,7 @@ class KVCache(Cache):
         super().__init__(layers=[_Layer(method.new_layer(i, self.num_layers)) for i in range(self.num_layers)])
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         self._rotary = getattr(decoder, "rotary_emb", None)  # Llama/Qwen/Mistral-style RoPE module
+        self.step_rope = self.rope if self._rotary is not None else None  # what Step.rope gets
         self.compress_next = True
         self.pad_valid: Optional[Tensor] = None  # (B, seen) bool, like the 2D attention mask
         self.token_ids: Optional[Tensor] = None  # (B, seen) int64; None once a pass came without ids
@@ -174,7 +175,7 @@ class KVCache(Cache):
         step = Step(queries=query, keys=k, values=v, slots=slots, mask=mask, valid=valid, scaling=scaling,
                     compress=self.compress_next, layer_idx=layer_idx, num_layers=self.num_layers, seen=layer.seen,
                     pad_valid=self.pad_valid if padded else None,
-                    rope=self.rope if self._rotary is not None else None, token_ids=self.token_ids)
+                    rope=self.step_rope, token_ids=self.token_ids)
         layer.store.after_attention(step)
         if layer_idx == self.num_layers - 1 and self.compress_next:
             self.compress_next = False
@@ -350,15 +351,14 @@ class PrefillRecord:
     logits: Tensor  # (1, 1, vocab) at the last prompt position
     seconds: float  # wall time of the prefill
     input_ids: Optional[Tensor] = None  # (1, T)
-    #: per layer, the prefill's attention weights (1, H, T, T) once some method asked for them
-    #: (`Step.probs()`): every later method compressing from this record reuses them
-    probs: Optional[list] = None
-    memo: dict = field(default_factory=dict)  # ratio-independent results of methods' stores (`Step.memo`)
+    #: ratio-independent results shared by every cache built from this record (`Step.memo`): stores' own
+    #: entries, and ("probs", layer) = the prefill's attention weights once some method asked for them
+    memo: dict = field(default_factory=dict)
 
 
 class _Recorder(LayerStore):
     def __init__(self, sink: dict, layer_idx: int):
-        self.sink, self.layer_idx, self.inner = sink, layer_idx, None
+        self.sink, self.layer_idx = sink, layer_idx
 
     def append(self, k, v):
         self.sink["k"][self.layer_idx], self.sink["v"][self.layer_idx] = k, v
@@ -409,17 +409,15 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord) -> KVCache
         layer.seen = q_len
         layer.full_bytes = 2 * k.shape[0] * k.shape[1] * q_len * k.shape[3] * k.element_size()
         B, H_kv = k.shape[:2]
-        if record.probs is None:
-            record.probs = [None] * len(cache.layers)
         same = kk is k  # the store handed attention the recorded keys themselves (not, say, de-quantized ones)
         step = Step(queries=record.queries[i], keys=kk, values=vv, slots=slots, mask=None,
                     valid=torch.ones(B, H_kv, kk.shape[2], dtype=torch.bool, device=k.device),
                     scaling=record.scaling, compress=True, layer_idx=i, num_layers=cache.num_layers, seen=q_len,
-                    rope=cache.rope if cache._rotary is not None else None, token_ids=cache.token_ids,
-                    memo=record.memo if same else None, _probs=record.probs[i] if same else None)
+                    rope=cache.step_rope, token_ids=cache.token_ids,
+                    memo=record.memo if same else None, _probs=record.memo.get(("probs", i)) if same else None)
         layer.store.after_attention(step)
-        if same and record.probs[i] is None:
-            record.probs[i] = step._probs
+        if same and step._probs is not None:
+            record.memo.setdefault(("probs", i), step._probs)
     cache.pad_valid = torch.ones(record.keys[0].shape[0], record.keys[0].shape[2], dtype=torch.bool,
                                  device=record.keys[0].device)
     cache.compress_next = False

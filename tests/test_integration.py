@@ -61,10 +61,10 @@ def test_replay_from_record_equals_live_run(tiny):
     # H2O asks for the prefill's attention weights; a second cache from the same record reuses them exactly
     h2o_live = greedy_generate(tiny, KVCache(tiny, H2O(budget=20)), [x, q], 8)
     first = cache_from_record(tiny, H2O(budget=20), rec)
-    assert rec.probs[0] is not None and rec.probs[0].shape == (1, 4, 50, 50)
-    shared = rec.probs[0]
+    assert rec.memo[("probs", 0)].shape == (1, 4, 50, 50)
+    shared = rec.memo[("probs", 0)]
     again = greedy_generate(tiny, cache_from_record(tiny, H2O(budget=20), rec), [q], 8)
-    assert rec.probs[0] is shared and again.tokens == h2o_live.tokens == greedy_generate(tiny, first, [q], 8).tokens
+    assert rec.memo[("probs", 0)] is shared and again.tokens == h2o_live.tokens == greedy_generate(tiny, first, [q], 8).tokens
     # its observed statistic is shared between budgets (Step.memo) and still gives each budget's live result
     assert any(k[0] == "observe" for k in rec.memo)
     for budget in (12, 30):
