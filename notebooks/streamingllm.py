@@ -20,7 +20,7 @@
 import matplotlib.pyplot as plt
 import torch
 
-from reference_impls import Full, KVCache, StreamingLLM, load_model
+from reference_impls import KVCache, StreamingLLM, load_model
 from reference_impls.base import attention_probs
 from reference_impls.integration import record_prefill
 from reference_impls.data import passkey_samples

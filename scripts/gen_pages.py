@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import mkdocs_gen_files
-import yaml
 
 from reference_impls.atlas.schema import VOCAB
 from reference_impls.atlas.validate import load_entries

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from reference_impls.atlas.schema import VOCAB, Entry
-from reference_impls.atlas.validate import entry_files, load_entries
+from reference_impls.atlas.schema import VOCAB
+from reference_impls.atlas.validate import load_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = (ROOT / "taxonomy" / "streamingllm.yaml").read_text()

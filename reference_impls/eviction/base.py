@@ -19,7 +19,6 @@ flash-attn's varlen kernel), plus one count per head; the padded view that SDPA 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 

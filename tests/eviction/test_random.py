@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from reference_impls import KVCache
 from reference_impls.eviction.random import RandomEviction, random_scores
 from reference_impls.models import tiny_llama
 
-from evict_checks import (budget_at_least_length_is_full, generation_equals_attention_over_kept, ids,
+from evict_checks import (budget_at_least_length_is_full, generation_equals_attention_over_kept,
                           kept_counts_equal_budget, left_padded_batch_equals_batch_one)
 
 
