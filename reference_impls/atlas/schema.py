@@ -60,6 +60,13 @@ class Result(BaseModel):
     compression: str = Field(min_length=1, description="Setting, e.g. '2-bit', '20% KV budget', '4x'")
     value: Union[float, int] = Field(description="Reported value for the method")
     baseline_value: Optional[Union[float, int]] = Field(None, description="Full-cache value in the same table")
+    subset: Optional[str] = Field(None, min_length=1,
+                                  description="Part of the benchmark: 'average', 'NIAH', 'RULER 32k', 'HotpotQA'")
+    kv_fraction: Optional[float] = Field(None, gt=0, le=1, description=(
+        "The compression in one unit: KV bytes held / a 16-bit full cache's bytes (0.25 = 4x), as the paper's "
+        "setting implies; omitted when the paper gives too little to compute it"))
+    paper_version: Optional[str] = Field(None, pattern=r"^v\d+$",
+                                         description="arXiv version the number was read from, e.g. 'v2'")
     source: str = Field(min_length=1, pattern=r"(?i)^(table|figure|fig\.|section|abstract)",
                         description="Where in the paper: 'Table 2', 'Figure 4', 'Section 5.1'")
 
@@ -98,6 +105,8 @@ class Entry(BaseModel):
     kvpress: Optional[str] = Field(None, description="kvpress press class implementing it, if any")
     # evidence
     reported_results: list[Result] = Field(default_factory=list)
+    no_results_reason: Optional[str] = Field(None, min_length=10, description=(
+        "Why the entry has no reported result (e.g. a position paper, only latency numbers in figures)"))
     # links
     builds_on: list[str] = Field(default_factory=list)
     compared_with: list[str] = Field(default_factory=list)
