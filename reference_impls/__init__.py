@@ -13,10 +13,13 @@ import importlib
 
 _EXPORTS = {
     "DenseStore": "reference_impls.base", "KVMethod": "reference_impls.base", "LayerStore": "reference_impls.base",
-    "Step": "reference_impls.base", "Full": "reference_impls.baseline", "EvictionMethod": "reference_impls.eviction",
-    "StreamingLLM": "reference_impls.eviction", "KVCache": "reference_impls.integration",
-    "build_prompt": "reference_impls.integration", "greedy_generate": "reference_impls.integration",
-    "prepare_model": "reference_impls.integration", "run_sample": "reference_impls.integration",
+    "Model": "reference_impls.base", "Step": "reference_impls.base", "Full": "reference_impls.baseline",
+    "Compose": "reference_impls.compose", "EvictionMethod": "reference_impls.eviction",
+    "StreamingLLM": "reference_impls.eviction", "SnapKV": "reference_impls.eviction",
+    "Quantizer": "reference_impls.quantization.store", "KIVI": "reference_impls.quantization",
+    "KVCache": "reference_impls.integration", "prepare_model": "reference_impls.integration",
+    "build_prompt": "reference_impls.generation", "greedy_generate": "reference_impls.generation",
+    "run_sample": "reference_impls.generation", "make_method": "reference_impls.methods",
     "load_model": "reference_impls.models", "tiny_llama": "reference_impls.models",
 }
 

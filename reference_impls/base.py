@@ -1,120 +1,164 @@
 """The one interface every method implements. Depends on torch only.
 
-A *method* (a small dataclass, one per file) makes one *store* per transformer layer. A store owns
-whatever that layer's cache really holds (dense tensors, kept indices, packed codes, scales ...)
-and answers three calls, in this order, for every forward pass of the model:
+A *method* (a small dataclass, one per file) makes one *store* per transformer layer. A store owns whatever
+that layer's cache really holds (dense tensors, kept indices, packed codes, scales ...) and answers three
+calls, in this order, for every forward pass of the model:
 
     k_all, v_all, slots = store.append(k_new, v_new)     # before attention
-    out = attention(q, k_all, v_all, mask from slots)      # done by the integration module
+    out = attention(q, k_all, v_all, mask)                # done by the integration module
     store.after_attention(step)                           # after attention: evict, merge, quantize ...
 
 Shapes: keys/values (B, H_kv, T, D); queries (B, H, q, D) with H = G * H_kv (GQA group size G).
-`slots` (B, H_kv, T) int64 gives each returned key's index in the token stream (0 = first token ever
-seen), -1 for an empty slot; `None` means "all T tokens seen so far, in order" (no token dropped),
+`slots` (B, H_kv, T) int gives each returned key's index in the store's token stream (0 = the first token
+it was given), -1 for an empty slot; `None` means "every token given so far, in order" (nothing dropped),
 which lets attention take its fast path and keeps an uncompressed store bit-identical to `full`.
 
-Keys arrive after RoPE, so a kept token keeps its original position; new tokens continue from the
-true sequence length (the integration module's cache reports tokens *seen*, not tokens kept).
+`Step` is the record of one attention call, in the model's terms: which keys each query could see (`mask`,
+always there), where each key and query sits in its row's sequence (`positions`, padding and holes -1), and
+the attention weights (`probs()`), computed once whoever asks. A method never rebuilds a causal mask or reads
+padding. What a method needs from the model (its rotary embedding, its tokenizer's token classes, the ids of
+the tokens seen, the number of layers) is a `Model` handed to `new_layer` once, when the stores are made.
+
+Keys arrive after RoPE, so a kept token keeps its original position; new tokens continue from the true
+sequence length (the integration module's cache reports tokens *seen*, not tokens kept).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["DenseStore", "KVMethod", "LayerStore", "Step", "attention_probs", "repeat_kv"]
+__all__ = ["DenseStore", "KVMethod", "LayerStore", "Model", "Step", "attention_probs", "nbytes", "repeat_kv"]
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
     """(B, H_kv, ...) -> (B, H_kv * G, ...): each KV head serves G consecutive query heads."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+    return x if groups == 1 or x.shape[1] == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def attention_probs(q: Tensor, k: Tensor, mask: Optional[Tensor], scaling: float) -> Tensor:
     """Softmax attention weights, the slow explicit way (fp32).
 
-    q (B, H, q, D), k (B, H_kv, T, D), mask (B, H_kv, q, T) bool or None -> (B, H, q, T).
+    q (B, H, q, D), k (B, H_kv, T, D), mask (B, H_kv or 1, q, T) bool or None -> (B, H, q, T); a query that
+    may see no key gets a row of zeros.
     """
     groups = q.shape[1] // k.shape[1]
     logits = torch.matmul(q.float(), repeat_kv(k, groups).float().transpose(-1, -2)).mul_(scaling)
     if mask is not None:  # in place: a 1.5k-token prefill's logits are 9 x 1500 x 1500 per layer
         logits.masked_fill_(~repeat_kv(mask, groups), float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (padding queries) -> 0
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+
+
+def nbytes(*held) -> int:
+    """Bytes of every tensor in `held`: tensors, None, anything with `nbytes`, and lists/tuples/dicts of them."""
+    total = 0
+    for x in held:
+        if isinstance(x, (list, tuple)):
+            total += nbytes(*x)
+        elif isinstance(x, dict):
+            total += nbytes(*x.values())
+        elif x is not None and not isinstance(x, (int, float, str, bool)):
+            n = x.nbytes
+            total += n() if callable(n) else n
+    return total
+
+
+@dataclass
+class Model:
+    """What a method may know about the model, handed to every store once, when the cache is made.
+
+    Args:
+        num_layers: decoder layers.
+        rope: the model's rotary embedding, positions (B, T) int -> (cos, sin), each (B, T, D) fp32, as its
+            attention applied them (scaling variants included); None when the model has none we can find.
+        tokenizer: the tokenizer the prompts come from, or None (methods that treat special tokens or
+            punctuation apart, e.g. FastGen, then see none).
+        token_ids: positions (B, ...) -> ids (B, ...) of the tokens at those positions of each row (-1 gives
+            -1); None when the model is fed embeddings. Filled in by the cache as tokens arrive.
+    """
+
+    num_layers: int = 1
+    rope: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
+    tokenizer: object = None
+    token_ids: Optional[Callable[[Tensor], Tensor]] = None
 
 
 @dataclass
 class Step:
-    """What one attention call of one layer saw; handed to the store right after attention.
+    """One attention call of one layer, as the store is told about it right after attention.
 
-    `compress` is True on the forward pass the cache was armed for (by default the first one, the
-    prefill); stores that compress once do it then, stores that bound memory act on every step.
+    `compress` is True on the forward pass the cache was armed for (by default the first one, the prefill);
+    stores that compress once do it then, stores that bound memory act on every step.
     """
 
     queries: Tensor  # (B, H, q, D), after RoPE
     keys: Tensor  # (B, H_kv, T, D), exactly what attention used
     values: Tensor  # (B, H_kv, T, D)
-    slots: Optional[Tensor]  # (B, H_kv, T) or None (dense), as returned by append()
-    mask: Optional[Tensor]  # (B, H_kv, q, T) bool, True = may attend; None = plain causal, no padding
-    valid: Tensor  # (B, H_kv, T) bool: a real token (not padding, not an empty slot)
+    positions: Tensor  # (B, H_kv, T) int64: each key's position in its row (padding excluded); -1 = hole/padding
+    q_positions: Tensor  # (B, q) int64: each query's position; -1 = a padding query
     scaling: float
     compress: bool
     layer_idx: int
-    num_layers: int
-    seen: int  # tokens seen by this layer, including this step's
-    pad_valid: Optional[Tensor] = None  # (B, seen) bool: False at left-padding positions; None = no padding
-    #: the model's own rotary embedding: positions (B, T) int -> (cos, sin), each (B, T, D) fp32, as the
-    #: model applied it (scaling variants included); None when the model has none the cache could find
-    rope: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
-    #: (B, seen) int64 ids of every token seen, in stream order (padding included; index with
-    #: token_slots()); None when the model was fed embeddings instead of ids
-    token_ids: Optional[Tensor] = None
-    #: a dict shared by every cache built from one recorded prefill (`cache_from_record`), where stores keep
-    #: results that do not depend on the target ratio (e.g. an eviction method's `observe`); None when live
-    memo: Optional[dict] = None
+    since_compress: int = 0  # forward passes since the compressing pass: 0 on it, -1 before it
+    _mask: Optional[Tensor] = field(default=None, repr=False)
     _probs: Optional[Tensor] = field(default=None, repr=False)
+
+    @classmethod
+    def dense(cls, queries: Tensor, keys: Tensor, values: Tensor, *, scaling: Optional[float] = None,
+              compress: bool = True, layer_idx: int = 0, start: Optional[int] = None) -> "Step":
+        """The step of a store that holds every token in order, with no padding: the last q keys are the queries'
+        own tokens (key i is position start + i, start = 0 by default)."""
+        B, H_kv, T, _ = keys.shape
+        q = queries.shape[2]
+        start = 0 if start is None else start
+        pos = torch.arange(start, start + T, device=keys.device)
+        return cls(queries, keys, values, pos.expand(B, H_kv, T), pos[T - q:].expand(B, q),
+                   keys.shape[-1] ** -0.5 if scaling is None else scaling, compress, layer_idx, 0 if compress else 1)
 
     @property
     def q_len(self) -> int:
         return self.queries.shape[2]
 
-    def probs(self) -> Tensor:
-        """(B, H, q, T) attention weights of this step, computed once on demand. Read-only: a recorded
-        prefill shares them between every method compressing from it."""
-        if self._probs is None:
-            mask = self.mask
-            if mask is None and self.q_len > 1:  # dense causal: query i sees keys up to T - q + i
-                T, q = self.keys.shape[2], self.q_len
-                causal = torch.ones(q, T, dtype=torch.bool, device=self.keys.device).tril(T - q)
-                mask = causal.expand(self.keys.shape[0], self.keys.shape[1], q, T)
-            self._probs = attention_probs(self.queries, self.keys, mask, self.scaling)
-        return self._probs
+    @property
+    def valid(self) -> Tensor:
+        """(B, H_kv, T) bool: a real token (not padding, not an empty slot)."""
+        return self.positions >= 0
 
-    def token_positions(self) -> Tensor:
-        """(B, H_kv, T) position of each key among the row's real tokens (what RoPE saw); -1 for holes.
-
-        Equal to the slots without padding; with left padding, the first real token is position 0.
-        """
-        slots = self.token_slots()
-        if self.pad_valid is None:
-            return slots
-        pos = (self.pad_valid.long().cumsum(-1) - 1)[:, None, :].expand(-1, slots.shape[1], -1)
-        return torch.where(self.valid, torch.gather(pos, 2, slots.clamp(min=0)), -1)
+    @property
+    def q_real(self) -> Tensor:
+        """(B, q) bool: a real query (not left padding)."""
+        return self.q_positions >= 0
 
     def n_real(self) -> Tensor:
-        """(B,) number of real (non-padding) tokens seen per row."""
-        if self.pad_valid is None:
-            return torch.full((self.keys.shape[0],), self.seen, dtype=torch.long, device=self.keys.device)
-        return self.pad_valid.sum(-1)
+        """(B,) tokens of each row seen so far, this step's included (its last query is always real)."""
+        return self.q_positions[:, -1] + 1
 
-    def token_slots(self) -> Tensor:
-        """(B, H_kv, T) slots, materialised even when the store is dense."""
-        if self.slots is not None:
-            return self.slots
-        B, H, T = self.keys.shape[:3]
-        return torch.arange(T, device=self.keys.device).expand(B, H, T)
+    @property
+    def mask(self) -> Tensor:
+        """(B, H_kv, q, T) bool, True where the query saw the key: causal by position, real keys only; a padding
+        query sees nothing (so its attention weights are 0 and it votes for nothing). Built once, on demand."""
+        if self._mask is None:
+            qp = self.q_positions[:, None, :, None]
+            self._mask = (self.positions[:, :, None, :] <= qp) & self.valid[:, :, None, :] & (qp >= 0)
+        return self._mask
+
+    def probs(self) -> Tensor:
+        """(B, H, q, T) attention weights of this step (fp32), computed once on demand. Read-only: a replayed
+        prefill shares them between every method compressing from it."""
+        if self._probs is None:
+            self._probs = attention_probs(self.queries, self.keys, self.mask, self.scaling)
+        return self._probs
+
+    def last(self, n: int) -> "Step":
+        """The same step restricted to its last n queries (e.g. an observation window); probs are shared."""
+        n = min(n, self.q_len)
+        return dataclasses.replace(self, queries=self.queries[:, :, -n:], q_positions=self.q_positions[:, -n:],
+                                   _mask=None if self._mask is None else self._mask[:, :, -n:],
+                                   _probs=None if self._probs is None else self._probs[:, :, -n:])
 
 
 class LayerStore:
@@ -139,21 +183,14 @@ class LayerStore:
 class KVMethod:
     """Base of every method. Subclasses are dataclasses whose fields are the method's knobs."""
 
-    #: short name used by the CLI and benchmark (the taxonomy id)
-    name: str = ""
-
-    def new_layer(self, layer_idx: int, num_layers: int) -> LayerStore:
+    def new_layer(self, layer_idx: int, model: Model) -> LayerStore:
         raise NotImplementedError
 
     @classmethod
-    def from_ratio(cls, ratio: float) -> "KVMethod":
-        """The method configured for a target compression ratio (full bytes / compressed bytes)."""
+    def from_ratio(cls, ratio: float, /, **knobs) -> "KVMethod":
+        """The method configured for a target compression ratio (16-bit full bytes / compressed bytes); `knobs`
+        are fields the caller fixed, which the ratio must not override."""
         raise NotImplementedError(f"{cls.__name__} cannot be configured from a ratio")
-
-    def with_tokenizer(self, tokenizer) -> "KVMethod":
-        """The method for this tokenizer's vocabulary. Methods that treat some tokens specially (special
-        tokens, punctuation: FastGen) read the ids they need here; the default ignores the tokenizer."""
-        return self
 
 
 class DenseStore(LayerStore):
@@ -169,4 +206,4 @@ class DenseStore(LayerStore):
         return self.k, self.v, None
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.k, self.v) if t is not None)
+        return nbytes(self.k, self.v)

@@ -16,8 +16,8 @@ import torch
 
 from reference_impls.base import KVMethod
 from reference_impls.data import is_correct
-from reference_impls.integration import (_eos_ids, build_prompt, cache_from_record, greedy_generate,
-                                         record_prefill)
+from reference_impls.generation import build_prompt, eos_ids, greedy_generate
+from reference_impls.replay import cache_from_record, record_prefill
 
 __all__ = ["evaluate", "summarize", "SETTINGS"]
 
@@ -36,7 +36,7 @@ def evaluate(model, tokenizer, methods: dict[str, Callable[[float], KVMethod]], 
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"settings: unknown {bad}; allowed: {list(SETTINGS)}")
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     rows = []
     for i, sample in enumerate(samples):
         ctx, qst = build_prompt(tokenizer, sample["context"], sample["question"], sample.get("answer_prefix", ""))
@@ -48,7 +48,7 @@ def evaluate(model, tokenizer, methods: dict[str, Callable[[float], KVMethod]], 
                 for ratio in ratios:
                     method = factory(ratio)
                     t0 = time.perf_counter()
-                    cache = cache_from_record(model, method, record)
+                    cache = cache_from_record(model, method, record, tokenizer)
                     compress_s = time.perf_counter() - t0
                     gen = greedy_generate(model, cache, [] if aware else [qst], max_new_tokens, eos,
                                           logits=record.logits if aware else None)

@@ -1,4 +1,5 @@
-"""All transformers glue, in one module: the cache, the attention function, the prompt and the decode loop.
+"""All transformers glue, in one module: the cache and the attention function (prompts and decoding live in
+`generation.py`, the recorded prefill in `replay.py`; neither imports transformers).
 
 Tested with transformers 5.5-5.24 (the 5.x per-layer Cache API; `cache_position` is gone since 5.5 and the
 `past_key_values` keyword became `cache` in 5.24, with the old name kept as an alias). Method files never
@@ -21,9 +22,7 @@ How a method runs inside a Hugging Face model:
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +32,9 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from reference_impls.base import KVMethod, LayerStore, Step, repeat_kv
+from reference_impls.base import KVMethod, LayerStore, Model, Step, repeat_kv
 
-__all__ = ["KVCache", "PrefillRecord", "prepare_model", "build_prompt", "greedy_generate", "run_sample",
-           "record_prefill", "ATTN_NAME"]
+__all__ = ["KVCache", "prepare_model", "ATTN_NAME"]
 
 ATTN_NAME = "kvatlas"
 _active = threading.local()  # the KVCache whose update() ran last: its layer's attention comes next;
@@ -96,27 +94,33 @@ class KVCache(Cache):
     Args:
         model: the (causal LM) model; switched to the "kvatlas" attention function.
         method: any KVMethod.
+        tokenizer: the prompts' tokenizer, for methods that treat token classes apart (FastGen); optional.
 
     `compress_next` arms compression for the next forward pass (True at start, so the prefill
     compresses); it is cleared when that pass ends. Set it again to compress a later chunk.
     """
 
-    def __init__(self, model, method: KVMethod):
+    def __init__(self, model, method: KVMethod, tokenizer=None):
         if not isinstance(method, KVMethod):
             raise TypeError(f"method must be a reference_impls KVMethod, got {type(method).__name__}")
         prepare_model(model)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = config.num_hidden_layers
         self.method = method
-        super().__init__(layers=[_Layer(method.new_layer(i, self.num_layers)) for i in range(self.num_layers)])
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         self._rotary = getattr(decoder, "rotary_emb", None)  # Llama/Qwen/Mistral-style RoPE module
-        self.step_rope = self.rope if self._rotary is not None else None  # what Step.rope gets
+        self.model_info = Model(num_layers=self.num_layers, rope=self.rope if self._rotary is not None else None,
+                                tokenizer=tokenizer, token_ids=self.ids_at)
+        super().__init__(layers=[_Layer(method.new_layer(i, self.model_info)) for i in range(self.num_layers)])
         self.compress_next = True
-        self.pad_valid: Optional[Tensor] = None  # (B, seen) bool, like the 2D attention mask
+        self.since_compress = -1  # forward passes since the compressing pass (Step.since_compress)
+        self.pad_valid: Optional[Tensor] = None  # (B, seen) bool, like the 2D attention mask; None while no padding
+        self.seen = 0
         self.token_ids: Optional[Tensor] = None  # (B, seen) int64; None once a pass came without ids
         self._ids_known = True
         self.compressed_at: Optional[int] = None  # tokens seen when the armed pass ended
+        self._q_positions: Optional[Tensor] = None  # (B, q) this pass's query positions (-1 = padding)
+        self._slot_pos: Optional[Tensor] = None  # (B, seen) position of each stream slot (-1 = padding)
 
     # transformers' Cache protocol ---------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -142,12 +146,39 @@ class KVCache(Cache):
         """Bytes a full cache would hold for the tokens seen: 2 * L * B * H_kv * T * D * itemsize."""
         return sum(layer.full_bytes for layer in self.layers)
 
+    # what methods may ask of the model (Model) -----------------------------------------------------
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """The model's (cos, sin) for positions (B, T), fp32, (B, T, D): what its attention layers applied."""
         x = torch.empty(0, dtype=torch.float32, device=positions.device)
         return self._rotary(x, positions)
 
+    def ids_at(self, positions: Tensor) -> Tensor:
+        """Ids of the tokens at `positions` (B, ...) of each row (-1 -> -1); needs the model to be fed ids."""
+        if self.token_ids is None:
+            raise ValueError("the token ids are unknown: the model was fed embeddings (inputs_embeds)")
+        if self.pad_valid is None:
+            by_pos = self.token_ids
+        else:  # left padding: position p of row b is its (p + 1)-th real token
+            order = torch.argsort((~self.pad_valid).to(torch.uint8), dim=1, stable=True)
+            by_pos = self.token_ids.gather(1, order)
+        flat = positions.reshape(positions.shape[0], -1)
+        ids = by_pos.gather(1, flat.clamp(min=0, max=by_pos.shape[1] - 1))
+        return torch.where(flat >= 0, ids, -1).view_as(positions)
+
     # called by the attention function -------------------------------------------------------------
+    def _begin_pass(self, hf_mask: Optional[Tensor], B: int, q_len: int, device) -> None:
+        """Layer 0 of a forward pass: extend the padding record, the ids and the query positions."""
+        self._extend_padding(hf_mask, B, q_len, device)
+        self._extend_ids(getattr(_active, "ids", None), B, q_len)
+        self.since_compress = 0 if self.compress_next else self.since_compress + (self.since_compress >= 0)
+        if self.pad_valid is None:
+            self._slot_pos = None
+            self._q_positions = torch.arange(self.seen - q_len, self.seen, device=device).expand(B, q_len)
+        else:
+            pos = self.pad_valid.long().cumsum(-1) - 1
+            self._slot_pos = pos.masked_fill(~self.pad_valid, -1)
+            self._q_positions = self._slot_pos[:, -q_len:]
+
     def _attend(self, module, query: Tensor, hf_mask: Optional[Tensor], scaling: float) -> Tensor:
         layer_idx = module.layer_idx
         layer = self.layers[layer_idx]
@@ -157,25 +188,21 @@ class KVCache(Cache):
         # full-cache bytes per layer, from the incoming states' shape and dtype (the baseline's layout)
         layer.full_bytes = 2 * B * H_kv * layer.seen * D * k.element_size()
         if layer_idx == 0:
-            self._extend_padding(hf_mask, B, q_len, k.device)
-            self._extend_ids(getattr(_active, "ids", None), B, q_len)
-        seen_before = layer.seen - q_len
-        padded = not bool(self.pad_valid.all())
-        if slots is None and not padded:
-            mask = None
-            valid = torch.ones(B, H_kv, T, dtype=torch.bool, device=k.device)
+            self._begin_pass(hf_mask, B, q_len, k.device)
+        # each key's position: its slot (dense, unpadded: 0 .. T - 1), through the padding record if any
+        if self._slot_pos is None:  # no padding: a slot is a position (-1 stays a hole)
+            positions = slots if slots is not None else torch.arange(T, device=k.device).expand(B, H_kv, T)
         else:
             s = slots if slots is not None else torch.arange(T, device=k.device).expand(B, H_kv, T)
-            valid = (s >= 0) & torch.gather(self.pad_valid[:, None, :].expand(B, H_kv, -1), 2, s.clamp(min=0))
-            q_slots = torch.arange(seen_before, layer.seen, device=k.device)
-            mask = (s[:, :, None, :] <= q_slots[None, None, :, None]) & valid[:, :, None, :]
-            # a padding query sees nothing; let it see everything rather than produce NaN (its output is unused)
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
-        out = _sdpa(query, k, v, mask, scaling)
-        step = Step(queries=query, keys=k, values=v, slots=slots, mask=mask, valid=valid, scaling=scaling,
-                    compress=self.compress_next, layer_idx=layer_idx, num_layers=self.num_layers, seen=layer.seen,
-                    pad_valid=self.pad_valid if padded else None,
-                    rope=self.step_rope, token_ids=self.token_ids)
+            positions = torch.where(s >= 0, torch.gather(self._slot_pos[:, None, :].expand(B, H_kv, -1), 2,
+                                                         s.clamp(min=0)), -1)
+        step = Step(queries=query, keys=k, values=v, positions=positions, q_positions=self._q_positions,
+                    scaling=scaling, compress=self.compress_next, layer_idx=layer_idx,
+                    since_compress=self.since_compress)
+        # no mask where it would allow everything anyway: every key in order (causal by shape), or one query
+        # over held keys without holes (decoding after uniform eviction); both without padding
+        dense = self._slot_pos is None and (slots is None or (q_len == 1 and bool((slots >= 0).all())))
+        out = _sdpa(query, k, v, None if dense else _attention_mask(step), scaling)
         layer.store.after_attention(step)
         if layer_idx == self.num_layers - 1 and self.compress_next:
             self.compress_next = False
@@ -183,12 +210,19 @@ class KVCache(Cache):
         return out
 
     def _extend_padding(self, hf_mask: Optional[Tensor], B: int, q_len: int, device) -> None:
+        self.seen += q_len
         if hf_mask is None or hf_mask.dtype != torch.bool:
-            new = torch.ones(B, q_len, dtype=torch.bool, device=device)
+            new = None
         else:  # the last query is a real token under left padding; its row tells which new keys are real
             new = hf_mask[:, 0, -1, -q_len:].expand(B, q_len)
-        self.pad_valid = new if self.pad_valid is None else torch.cat([self.pad_valid, new], dim=1)
-
+            new = None if bool(new.all()) and self.pad_valid is None else new
+        if new is None and self.pad_valid is None:
+            return  # no padding so far: nothing to record
+        if new is None:
+            new = torch.ones(B, q_len, dtype=torch.bool, device=device)
+        if self.pad_valid is None:
+            self.pad_valid = torch.ones(B, self.seen - q_len, dtype=torch.bool, device=device)
+        self.pad_valid = torch.cat([self.pad_valid, new], dim=1)
 
     def _extend_ids(self, ids: Optional[Tensor], B: int, q_len: int) -> None:
         _active.ids = None  # consumed: a later pass fed embeddings must not reuse these
@@ -199,6 +233,13 @@ class KVCache(Cache):
             self.token_ids = ids if self.token_ids is None else torch.cat([self.token_ids, ids], dim=1)
 
 
+def _attention_mask(step: Step) -> Tensor:
+    """The mask attention uses: the step's, except that a padding query (which sees nothing in `step.mask`) sees
+    every key instead of producing NaN (its output is never used)."""
+    mask = step.mask
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
 def _record_ids(module, args, kwargs):
     """Pre-hook on the input embedding: the ids of the pass now running, for `Step.token_ids`."""
     ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
@@ -206,18 +247,23 @@ def _record_ids(module, args, kwargs):
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scaling: float) -> Tensor:
-    """Attention over (B, H_kv, T, D) keys for (B, H, q, D) queries -> (B, q, H, D)."""
-    groups = q.shape[1] // k.shape[1]
-    q_len, T = q.shape[2], k.shape[2]
-    if mask is None and q_len > 1 and q_len != T:  # a later chunk of a dense cache: causal with offset
-        mask = torch.ones(q_len, T, dtype=torch.bool, device=q.device).tril(T - q_len)[None, None]
-    if mask is not None:
-        mask = repeat_kv(mask, groups) if mask.shape[1] > 1 else mask
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask,
-                                             scale=scaling)
-    else:
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
-                                             is_causal=q_len > 1, scale=scaling)
+    """Attention over (B, H_kv, T, D) keys for (B, H, q, D) queries -> (B, q, H, D), without copying keys per
+    query head: one query (decoding) attends as a G-query block per KV head, as transformers' `pack_gqa` does;
+    a dense prompt uses SDPA's own GQA. mask (B, H_kv or 1, q, T) bool or None (causal by shape)."""
+    B, H, q_len, D = q.shape
+    H_kv, T = k.shape[1], k.shape[2]
+    G = H // H_kv
+    if q_len == 1:
+        qg = q.view(B, H_kv, G, D)  # the G heads of a group are G queries of one KV head
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)  # mask (B, H_kv, 1, T) broadcasts
+        return out.view(B, 1, H, D)
+    if mask is None:
+        if q_len == T:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=G > 1)
+            return out.transpose(1, 2).contiguous()
+        mask = torch.ones(q_len, T, dtype=torch.bool, device=q.device).tril(T - q_len)[None, None]  # later chunk
+    mask = repeat_kv(mask, G)
+    out = F.scaled_dot_product_attention(q, repeat_kv(k, G), repeat_kv(v, G), attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous()
 
 
@@ -246,180 +292,3 @@ def prepare_model(model) -> None:
         emb._kvatlas_ids_hook = True
 
 
-# ------------------------------------------------------------------------------------------------
-# Prompts and decoding
-# ------------------------------------------------------------------------------------------------
-def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> tuple[Tensor, Tensor]:
-    """Chat-template prompt, split where the question starts: (context_ids, question_ids), each (1, n).
-
-    The user turn is the context, a blank line, then the question; the question part carries the rest
-    of the template (end of turn, assistant header) and the optional `answer_prefix` that starts the
-    assistant's reply, so the two parts concatenate to the full prompt.
-    """
-    sep = "\n\n"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": context + sep + question}],
-                                         tokenize=False, add_generation_prompt=True) + answer_prefix
-    cut = text.index(context) + len(context) + len(sep)
-    ctx = tokenizer(text[:cut], add_special_tokens=False, return_tensors="pt").input_ids
-    qst = tokenizer(text[cut:], add_special_tokens=False, return_tensors="pt").input_ids
-    return ctx, qst
-
-
-@dataclass
-class Generation:
-    tokens: list[int]
-    prefill_s: float
-    decode_s: float
-    kv_bytes: int  # measured right after the compressing pass
-    full_kv_bytes: int
-    kv_bytes_end: int  # measured after the last generated token
-    full_kv_bytes_end: int
-
-
-@torch.no_grad()
-def greedy_generate(model, cache: KVCache, prompt_parts: list[Tensor], max_new_tokens: int,
-                    eos_token_ids: Optional[set[int]] = None, logits: Optional[Tensor] = None) -> Generation:
-    """Prefill the prompt parts one forward each (the cache compresses after the first), then decode greedily.
-
-    Query-aware: one part (context + question). Query-agnostic: [context, question]. A cache built by
-    `cache_from_record` passes the remaining parts and the recorded `logits` (1, 1, vocab) instead.
-    """
-    eos_token_ids = eos_token_ids or set()
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    kv_bytes = full = None
-    if cache.compressed_at is not None:  # built by cache_from_record: already compressed, measure now
-        kv_bytes, full = cache.nbytes(), cache.full_nbytes()
-    for part in prompt_parts:
-        logits = model(input_ids=part.to(device), cache=cache, use_cache=True).logits
-        if kv_bytes is None:
-            kv_bytes, full = cache.nbytes(), cache.full_nbytes()
-    token = int(logits[0, -1].argmax())
-    prefill_s = time.perf_counter() - t0
-    tokens = [token]
-    t1 = time.perf_counter()
-    while len(tokens) < max_new_tokens and token not in eos_token_ids:
-        logits = model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True).logits
-        token = int(logits[0, -1].argmax())
-        tokens.append(token)
-    decode_s = time.perf_counter() - t1
-    return Generation(tokens, prefill_s, decode_s, kv_bytes, full, cache.nbytes(), cache.full_nbytes())
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    cfg = getattr(model.generation_config, "eos_token_id", None)
-    ids = {tokenizer.eos_token_id} | set(cfg if isinstance(cfg, (list, tuple)) else [cfg])
-    return {i for i in ids if i is not None}
-
-
-def run_sample(model, tokenizer, method: KVMethod, context: str, question: str, *, query_aware: bool = False,
-               max_new_tokens: int = 32, answer_prefix: str = "") -> dict[str, Any]:
-    """One prompt end to end: the answer and the measured bytes and times (the CLI's output record)."""
-    ctx, qst = build_prompt(tokenizer, context, question, answer_prefix)
-    parts = [torch.cat([ctx, qst], dim=1)] if query_aware else [ctx, qst]
-    cache = KVCache(model, method)
-    eos = _eos_ids(model, tokenizer)
-    gen = greedy_generate(model, cache, parts, max_new_tokens, eos_token_ids=eos)
-    text_tokens = [t for t in gen.tokens if t not in eos]
-    n_decoded = max(len(gen.tokens) - 1, 0)
-    return {
-        "answer": tokenizer.decode(text_tokens, skip_special_tokens=True).strip(),
-        "kv_bytes": gen.kv_bytes,
-        "full_kv_bytes": gen.full_kv_bytes,
-        "achieved_ratio": gen.full_kv_bytes / gen.kv_bytes if gen.kv_bytes else float("nan"),
-        "kv_bytes_end": gen.kv_bytes_end,
-        "full_kv_bytes_end": gen.full_kv_bytes_end,
-        "prompt_tokens": int(ctx.shape[1] + qst.shape[1]),
-        "compressed_tokens": int(ctx.shape[1] + (qst.shape[1] if query_aware else 0)),
-        "prefill_s": gen.prefill_s,
-        "decode_tokens_per_s": n_decoded / gen.decode_s if gen.decode_s > 0 and n_decoded else float("nan"),
-        "new_tokens": len(gen.tokens),
-    }
-
-
-# ------------------------------------------------------------------------------------------------
-# Prefill once, compress many (the benchmark's shared prefill)
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class PrefillRecord:
-    """Per-layer (queries, keys, values) of one uncompressed prefill, and its last logits."""
-
-    queries: list[Tensor]
-    keys: list[Tensor]
-    values: list[Tensor]
-    scaling: float
-    logits: Tensor  # (1, 1, vocab) at the last prompt position
-    seconds: float  # wall time of the prefill
-    input_ids: Optional[Tensor] = None  # (1, T)
-    #: ratio-independent results shared by every cache built from this record (`Step.memo`): stores' own
-    #: entries, and ("probs", layer) = the prefill's attention weights once some method asked for them
-    memo: dict = field(default_factory=dict)
-
-
-class _Recorder(LayerStore):
-    def __init__(self, sink: dict, layer_idx: int):
-        self.sink, self.layer_idx = sink, layer_idx
-
-    def append(self, k, v):
-        self.sink["k"][self.layer_idx], self.sink["v"][self.layer_idx] = k, v
-        return k, v, None
-
-    def after_attention(self, step: Step) -> None:
-        self.sink["q"][self.layer_idx] = step.queries
-        self.sink["scaling"] = step.scaling
-
-    def nbytes(self) -> int:
-        return 0
-
-
-class _RecordMethod(KVMethod):
-    name = "record"
-
-    def __init__(self, sink):
-        self.sink = sink
-
-    def new_layer(self, layer_idx, num_layers):
-        return _Recorder(self.sink, layer_idx)
-
-
-@torch.no_grad()
-def record_prefill(model, input_ids: Tensor) -> PrefillRecord:
-    """Run one uncompressed prefill (batch 1) and keep every layer's queries, keys and values."""
-    n = model.config.num_hidden_layers
-    sink: dict = {"q": [None] * n, "k": [None] * n, "v": [None] * n}
-    cache = KVCache(model, _RecordMethod(sink))
-    t0 = time.perf_counter()
-    logits = model(input_ids=input_ids.to(next(model.parameters()).device), cache=cache, use_cache=True).logits
-    return PrefillRecord(sink["q"], sink["k"], sink["v"], sink["scaling"], logits[:, -1:], time.perf_counter() - t0,
-                         input_ids=cache.token_ids)
-
-
-def cache_from_record(model, method: KVMethod, record: PrefillRecord) -> KVCache:
-    """The cache `method` would hold after a live prefill: each store gets the same append and step.
-
-    Exact because stores only act after the attention that used the full states (a test checks it).
-    """
-    cache = KVCache(model, method)
-    cache.token_ids = record.input_ids
-    for i, layer in enumerate(cache.layers):
-        k, v = record.keys[i], record.values[i]
-        q_len = k.shape[2]
-        layer.pending = None
-        kk, vv, slots = layer.store.append(k, v)
-        layer.seen = q_len
-        layer.full_bytes = 2 * k.shape[0] * k.shape[1] * q_len * k.shape[3] * k.element_size()
-        B, H_kv = k.shape[:2]
-        same = kk is k  # the store handed attention the recorded keys themselves (not, say, de-quantized ones)
-        step = Step(queries=record.queries[i], keys=kk, values=vv, slots=slots, mask=None,
-                    valid=torch.ones(B, H_kv, kk.shape[2], dtype=torch.bool, device=k.device),
-                    scaling=record.scaling, compress=True, layer_idx=i, num_layers=cache.num_layers, seen=q_len,
-                    rope=cache.step_rope, token_ids=cache.token_ids,
-                    memo=record.memo if same else None, _probs=record.memo.get(("probs", i)) if same else None)
-        layer.store.after_attention(step)
-        if same and step._probs is not None:
-            record.memo.setdefault(("probs", i), step._probs)
-    cache.pad_valid = torch.ones(record.keys[0].shape[0], record.keys[0].shape[2], dtype=torch.bool,
-                                 device=record.keys[0].device)
-    cache.compress_next = False
-    cache.compressed_at = record.keys[0].shape[2]
-    return cache

@@ -64,11 +64,11 @@ def show_evidence(path: Union[str, Path], title: str, baseline: Optional[str] = 
     return data
 
 
-def decode_keeps_memory_flat(model, method, prompt_tokens: int = 200, steps: int = 5, seed: int = 0):
-    """Prefill a random `prompt_tokens`-token prompt into `KVCache(model, method)`, then decode `steps` tokens,
-    asserting after each that the bytes held have not grown (methods that evict while decoding).
+def decode_memory(model, method, prompt_tokens: int = 200, steps: int = 5, seed: int = 0):
+    """Prefill a random `prompt_tokens`-token prompt into `KVCache(model, method)`, then decode `steps` tokens.
 
-    Returns (cache, kept): kept[i] is the list of every layer's kept slots (B, H_kv, K) after i decoded tokens.
+    Returns (cache, kept, held): kept[i] is the list of every layer's kept slots (B, H_kv, K) and held[i] the
+    bytes the cache holds after i decoded tokens (flat for methods that evict while decoding).
     """
     import torch
 
@@ -77,12 +77,12 @@ def decode_keeps_memory_flat(model, method, prompt_tokens: int = 200, steps: int
     hi = min(5000, model.get_input_embeddings().num_embeddings)  # ordinary tokens, no special ids at the start
     ids = torch.randint(min(100, hi // 2), hi, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     cache = KVCache(model, method)
+    held, kept = [], []
     with torch.no_grad():
         model(ids, cache=cache)
-        held, kept = cache.nbytes(), [[layer.store.kept_slots() for layer in cache.layers]]
-        for _ in range(steps):
-            model(torch.tensor([[42]]), cache=cache)
-            assert cache.nbytes() == held, "memory grew while decoding"
+        for i in range(steps + 1):
+            if i:
+                model(torch.tensor([[42]]), cache=cache)
+            held.append(cache.nbytes())
             kept.append([layer.store.kept_slots() for layer in cache.layers])
-    print(f"bytes held {cache.nbytes()} (constant over {steps} decoded tokens) vs full {cache.full_nbytes()}")
-    return cache, kept
+    return cache, kept, held

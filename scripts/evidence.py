@@ -43,7 +43,7 @@ def main() -> int:
     samples = passkey_samples(args.samples, args.tokens, args.seed, tokenizer=tok)
     t0 = time.time()
     families = {n: method_class(n).__module__.split(".")[1] for n in names}
-    factories = {n: (lambda r, n=n: make_method(n, r, tok)) for n in names}
+    factories = {n: (lambda r, n=n: make_method(n, r)) for n in names}
     rows = []
     for i, sample in enumerate(samples):  # files rewritten after every prompt: an interrupted run keeps its data
         if i < args.first or (args.stop is not None and i >= args.stop):

@@ -55,7 +55,9 @@ def test_cite_prints_bibtex_and_all_is_one_bib():
     (["--method", "full", "--input", "/nonexistent.jsonl"], "no such file"),
     (["--method", "no-such", "--input", "IN"], ", full, "),
     (["--method", "streamingllm", "--ratio", "0.5", "--input", "IN"], "must be >= 1"),
-    (["--method", "full", "--ratio", "2", "--input", "IN"], "does not compress"),
+    (["--method", "snapkv:bogus=1", "--input", "IN"], "unknown knob 'bogus'; knobs: ratio, budget, layers, heads, window"),
+    (["--method", "snapkv:pooling=median", "--input", "IN"], "pooling must be 'avg' or 'max'"),
+    (["--method", "snapkv+snapkv", "--input", "IN"], "quant must be a quantization method"),
     (["--method", "full", "--max-new-tokens", "0", "--input", "IN"], "--max-new-tokens"),
 ])
 def test_generate_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path, prompts, args, needle):

@@ -6,7 +6,8 @@ import torch
 from reference_impls import Full, KVCache, StreamingLLM
 from reference_impls.eviction.h2o import H2O
 from reference_impls.base import DenseStore, KVMethod
-from reference_impls.integration import cache_from_record, greedy_generate, record_prefill
+from reference_impls.generation import greedy_generate
+from reference_impls.replay import cache_from_record, record_prefill
 
 
 def ids(n, seed=0, vocab=128):
@@ -61,12 +62,11 @@ def test_replay_from_record_equals_live_run(tiny):
     # H2O asks for the prefill's attention weights; a second cache from the same record reuses them exactly
     h2o_live = greedy_generate(tiny, KVCache(tiny, H2O(budget=20)), [x, q], 8)
     first = cache_from_record(tiny, H2O(budget=20), rec)
-    assert rec.memo[("probs", 0)].shape == (1, 4, 50, 50)
-    shared = rec.memo[("probs", 0)]
+    assert rec.probs[0].shape == (1, 4, 50, 50)
+    shared = rec.probs[0]
     again = greedy_generate(tiny, cache_from_record(tiny, H2O(budget=20), rec), [q], 8)
-    assert rec.memo[("probs", 0)] is shared and again.tokens == h2o_live.tokens == greedy_generate(tiny, first, [q], 8).tokens
-    # its observed statistic is shared between budgets (Step.memo) and still gives each budget's live result
-    assert any(k[0] == "observe" for k in rec.memo)
+    assert rec.probs[0] is shared and again.tokens == h2o_live.tokens == greedy_generate(tiny, first, [q], 8).tokens
+    # the shared weights still give each budget's live result
     for budget in (12, 30):
         live_b = greedy_generate(tiny, KVCache(tiny, H2O(budget=budget)), [x, q], 8)
         replay_b = greedy_generate(tiny, cache_from_record(tiny, H2O(budget=budget), rec), [q], 8)
@@ -86,9 +86,7 @@ def test_compression_armed_once_then_question_is_kept(tiny):
 
 
 class _KeepAll(KVMethod):
-    name = "keep-all"
-
-    def new_layer(self, layer_idx, num_layers):
+    def new_layer(self, layer_idx, model):
         return DenseStore()
 
 
@@ -100,8 +98,7 @@ def test_errors_are_clear(tiny):
         cache.crop(3)
     with pytest.raises(ValueError, match="ratio must be a number >= 1"):
         StreamingLLM(ratio=0.5)
-    with pytest.raises(ValueError, match="does not compress"):
-        Full.from_ratio(2)
+    assert Full.from_ratio(2) == Full()  # the full cache ignores a target ratio (it is the 1x)
 
 
 class _SpyStore(DenseStore):
@@ -117,25 +114,28 @@ class _Spy(KVMethod):
     def __init__(self):
         self.steps = []
 
-    def new_layer(self, layer_idx, num_layers):
+    def new_layer(self, layer_idx, model):
+        self.model = model
         return _SpyStore(self.steps)
 
 
 @torch.no_grad()
-def test_steps_carry_token_ids_and_the_models_rope(tiny):
+def test_the_model_gives_stores_token_ids_and_its_rope(tiny):
     x = ids(12, seed=4)
     spy = _Spy()
     out = tiny.generate(x, cache=KVCache(tiny, spy), max_new_tokens=3, do_sample=False)
     last = spy.steps[-1]
-    assert torch.equal(last.token_ids, out[:, :-1])  # every id fed so far, in order (the last is never fed)
-    # a recorded prefill hands the same ids to the compressing step
+    assert spy.model.num_layers == tiny.config.num_hidden_layers
+    # every id fed so far, by position (the last generated one is never fed)
+    assert torch.equal(spy.model.token_ids(last.positions[:, 0]), out[:, :-1])
+    # a recorded prefill gives the same ids
     rec = record_prefill(tiny, x)
     spy2 = _Spy()
     cache_from_record(tiny, spy2, rec)
-    assert torch.equal(spy2.steps[0].token_ids, x)
+    assert torch.equal(spy2.model.token_ids(spy2.steps[0].positions[:, 0]), x)
     # rope: the model's own rotary embedding at the given positions
     pos = torch.arange(12)[None]
-    cos, sin = last.rope(pos)
+    cos, sin = spy.model.rope(pos)
     ref_cos, ref_sin = tiny.model.rotary_emb(torch.empty(0), pos)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin) and cos.shape == (1, 12, 16)
     # fed embeddings instead of ids: unknown, and stays unknown
@@ -143,4 +143,5 @@ def test_steps_carry_token_ids_and_the_models_rope(tiny):
     cache = KVCache(tiny, spy3)
     tiny(inputs_embeds=tiny.get_input_embeddings()(x), cache=cache)
     tiny(torch.tensor([[5]]), cache=cache)
-    assert spy3.steps[0].token_ids is None and spy3.steps[-1].token_ids is None
+    with pytest.raises(ValueError, match="fed embeddings"):
+        spy3.model.token_ids(spy3.steps[-1].positions)

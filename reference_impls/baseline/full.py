@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reference_impls.base import DenseStore, KVMethod
+from reference_impls.base import DenseStore, KVMethod, Model
 
 __all__ = ["Full"]
 
@@ -19,13 +19,10 @@ __all__ = ["Full"]
 class Full(KVMethod):
     """No compression: a DenseStore per layer."""
 
-    name = "full"
-
-    def new_layer(self, layer_idx: int, num_layers: int) -> DenseStore:
+    def new_layer(self, layer_idx: int, model: Model) -> DenseStore:
         return DenseStore()
 
     @classmethod
-    def from_ratio(cls, ratio: float) -> "Full":
-        if ratio != 1:
-            raise ValueError(f"--ratio {ratio}: the full cache does not compress; use --ratio 1")
-        return cls()
+    def from_ratio(cls, ratio: float, /, **knobs) -> "Full":
+        """The full cache, whatever the target: it is the 1x every ratio is measured against."""
+        return cls(**knobs)

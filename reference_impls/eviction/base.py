@@ -2,30 +2,30 @@
 
 An eviction method is a dataclass with one `score(step, history, budget)` hook returning (B, H_kv, T)
 scores, higher = keep. Methods whose scores build up over steps (H2O's accumulated attention,
-Scissorhands' counts) also define `observe(step, history)`: it returns a per-key statistic that the store
+Scissorhands' votes) also define `observe(step, history)`: it returns a per-key statistic that the store
 keeps aligned with the held tokens (gathered on every eviction, counted in nbytes) and hands back on the
-next step, so no method needs a store class of its own and wrappers work over stateful scorers too. `EvictingStore` turns scores into kept tokens: per row a budget (from the target ratio, or an
-absolute token count), per head a count (uniform by default; budget policies such as Ada-KV override
-`keep_counts`, per-layer schedules such as PyramidKV override `layer_budget`), then top-k and gather.
-Kept tokens stay in time order with their post-RoPE keys, so their positions never change.
+next step. How many tokens are kept is not the scorer's business: two policy fields (see `policies.py`)
+turn the target ratio into a budget per layer (`layers`: uniform or pyramid) and per head (`heads`:
+uniform, adaptive, threshold), so every scorer runs under every policy. `EvictingStore` does the rest:
+budgets, top-k, gather. Kept tokens stay in time order with their post-RoPE keys, so positions never change.
 
-Budgets count real tokens: with left padding each row keeps round(n_real / ratio), exactly as if it
-were alone in the batch. When rows or heads keep different numbers of tokens (Ada-KV, FastGen, padded
-batches) the store holds them flat, head after head (varlen, as the official Ada-KV code does for
-flash-attn's varlen kernel), plus one count per head; the padded view that SDPA needs, with empty slots
-(slot -1) masked out, exists only while a step runs. So measured bytes are the kept tokens' bytes.
+Budgets count real tokens: with left padding each row keeps round(n_real / ratio), exactly as if it were
+alone in the batch. When rows or heads keep different numbers of tokens (Adaptive heads, padded batches) the
+store holds them flat, head after head (varlen, as the official Ada-KV code does for flash-attn's varlen
+kernel), plus one count per head; the padded view that attention needs, with empty slots (slot -1) masked
+out, exists only while a step runs. So measured bytes are the kept tokens' bytes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import ClassVar, Optional
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from reference_impls.base import DenseStore, KVMethod, Step
+from reference_impls.base import DenseStore, KVMethod, Model, Step, nbytes
+from reference_impls.eviction.policies import Uniform, parse_policy
 
 __all__ = ["EvictionMethod", "EvictingStore", "keep_top"]
 
@@ -52,10 +52,14 @@ class EvictionMethod(KVMethod):
     Args:
         ratio: target compression ratio at the compressing pass, tokens seen / tokens kept (>= 1).
         budget: absolute tokens kept per layer and head; overrides `ratio` when set.
+        layers: per-layer budgets, "uniform" or "pyramid" (or a `policies` object such as Pyramid(beta=5)).
+        heads: per-head counts, "uniform", "adaptive" or "threshold" (or a `policies` object).
     """
 
     ratio: float = 2.0
     budget: Optional[int] = None
+    layers: Any = field(default_factory=Uniform)
+    heads: Any = field(default_factory=Uniform)
 
     #: keep evicting down to the budget on every later step (bounded memory during generation)
     evict_while_decoding: ClassVar[bool] = False
@@ -65,10 +69,21 @@ class EvictionMethod(KVMethod):
             raise ValueError(f"{type(self).__name__}: ratio must be a number >= 1, got {self.ratio!r}")
         if self.budget is not None and not (isinstance(self.budget, int) and self.budget >= 1):
             raise ValueError(f"{type(self).__name__}: budget must be a positive int or None, got {self.budget!r}")
+        name = type(self).__name__
+        self.layers = parse_policy(self.layers, f"{name}: layers", ("uniform", "pyramid"))
+        self.heads = parse_policy(self.heads, f"{name}: heads", ("uniform", "adaptive", "threshold"))
 
     @classmethod
-    def from_ratio(cls, ratio: float) -> "EvictionMethod":
-        return cls(ratio=ratio)
+    def from_ratio(cls, ratio: float, /, **knobs) -> "EvictionMethod":
+        if "ratio" in knobs or "budget" in knobs:  # the caller fixed the budget: the target ratio has no say
+            return cls(**knobs)
+        return cls(ratio=ratio, **knobs)
+
+    @property
+    def window(self) -> int:
+        """Tokens at the end of the compressed pass that the scorer always keeps (SnapKV's observation window);
+        budget policies reserve them. 0 by default."""
+        return 0
 
     def observe(self, step: Step, history: Optional[Tensor]) -> Optional[Tensor]:
         """A running per-key statistic carried between steps; None (the default) for stateless scores.
@@ -76,45 +91,27 @@ class EvictionMethod(KVMethod):
         history (B, H_kv, T_held, ...): what this returned on the previous step, for the keys still held, in
         the order of `step.keys` (0 at empty slots); None on the first step. `step.keys` holds those
         T_held keys followed by this step's q new ones. Returns (B, H_kv, T_held + q, ...): any trailing
-        dims are carried along with their key. It must not depend on `ratio` or `budget` (it is what the
-        method has seen, not what it keeps): a recorded prefill shares it between target ratios.
+        dims are carried along with their key.
         """
         return None
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         """(B, H_kv, T) importance of each key in `step.keys`; higher = keep.
 
-        history: this step's `observe` result (or None); budget (B,): tokens each row keeps in this layer.
+        history: this step's `observe` result (or None); budget (B,): tokens per head in this layer.
         """
         raise NotImplementedError
 
-    def layer_budget(self, n_real: Tensor, layer_idx: int, num_layers: int) -> Tensor:
-        """(B,) tokens each row keeps in this layer. Uniform: round(n / ratio), or `budget`."""
-        if self.budget is not None:
-            return torch.full_like(n_real, self.budget)
-        return torch.clamp((n_real.double() / self.ratio).round().long(), min=1)
-
-    def keep_counts(self, scores: Tensor, row_budget: Tensor) -> Tensor:
-        """(B, H_kv) tokens each head keeps. Uniform: every head keeps the row's budget."""
-        return row_budget[:, None].expand(scores.shape[0], scores.shape[1])
-
-    def new_layer(self, layer_idx: int, num_layers: int) -> "EvictingStore":
-        return EvictingStore(self, layer_idx, num_layers)
-
-
-def _without_budget(method: EvictionMethod) -> tuple:
-    """The method's identity apart from ratio/budget (what `observe` may depend on), as a hashable key."""
-    fields = [(f.name, repr(getattr(method, f.name))) for f in dataclasses.fields(method)
-              if f.compare and f.name not in ("ratio", "budget")]
-    return (type(method).__qualname__, tuple(fields))
+    def new_layer(self, layer_idx: int, model: Model) -> "EvictingStore":
+        return EvictingStore(self, layer_idx, model)
 
 
 class EvictingStore(DenseStore):
     """Dense keys/values plus the stream index of each kept token (int32, counted in nbytes)."""
 
-    def __init__(self, method: EvictionMethod, layer_idx: int, num_layers: int):
+    def __init__(self, method: EvictionMethod, layer_idx: int, model: Model, varlen: bool = True):
         super().__init__()
-        self.method, self.layer_idx, self.num_layers = method, layer_idx, num_layers
+        self.method, self.layer_idx, self.model, self.varlen = method, layer_idx, model, varlen
         self.slots: Optional[Tensor] = None  # (B, H_kv, T) int32; None until the first eviction
         self.row_budget: Optional[Tensor] = None  # (B,) set by the compressing pass
         self.history: Optional[Tensor] = None  # (B, H_kv, T, ...) the method's running statistic, if it keeps one
@@ -139,7 +136,6 @@ class EvictingStore(DenseStore):
 
     def _padded(self, flat: Tensor, fill) -> Tensor:
         """(N, ...) held head after head -> (B, H_kv, W, ...), each head's tokens first, `fill` after."""
-        B, H = self.counts.shape
         keep = torch.arange(int(self.counts.max()), device=flat.device) < self.counts[..., None]
         out = flat.new_full((*keep.shape, *flat.shape[1:]), fill)
         out[keep] = flat
@@ -161,39 +157,40 @@ class EvictingStore(DenseStore):
             self.history = self.history[keep]
 
     def after_attention(self, step: Step) -> None:
-        self._evict(step)
-        if self.slots is not None:
+        self.evict(step)
+        if self.slots is not None and self.varlen:
             self._flatten()
 
-    def _evict(self, step: Step) -> None:
-        key = None
-        if step.memo is not None and self.history is None:  # first step from a record: shared across ratios
-            key = ("observe", _without_budget(self.method), self.layer_idx)
-        if key is not None and key in step.memo:
-            history = step.memo[key]
-        else:
-            history = self.method.observe(step, self.history)
-            if key is not None:
-                step.memo[key] = history
-        self.history = history
+    def evict(self, step: Step) -> Optional[tuple[Tensor, Tensor]]:
+        """Update the statistic and drop what the budget cannot hold. Returns None when nothing was dropped, else
+        (idx, hole) (B, H_kv, W): the index into `step.keys` of each kept token, True at empty slots."""
+        m = self.method
+        history = self.history = m.observe(step, self.history)
         if step.compress:
-            self.row_budget = self.method.layer_budget(step.n_real(), self.layer_idx, self.num_layers)
-        elif not (self.method.evict_while_decoding and self.row_budget is not None):
-            return
-        n_valid = step.valid.sum(-1)  # (B, H_kv)
-        if bool((n_valid <= self.row_budget[:, None]).all()) and bool(step.valid.all()):
-            return  # within budget and nothing to tidy: keep everything (bit-identical to full)
-        scores = self.method.score(step, history, self.row_budget).float().masked_fill(~step.valid, float("-inf"))
-        counts = torch.minimum(self.method.keep_counts(scores, self.row_budget), n_valid)
+            n = step.n_real()
+            uniform = torch.full_like(n, m.budget) if m.budget is not None else (n.double() / m.ratio).round().long()
+            uniform = uniform.clamp(min=1)  # may exceed n: decoding-time eviction starts once n reaches it
+            self.row_budget = m.layers.layer_budget(n, uniform, self.layer_idx, self.model.num_layers, m.window)
+        elif not (m.evict_while_decoding and self.row_budget is not None):
+            return None
+        valid = step.valid
+        n_valid = valid.sum(-1)  # (B, H_kv)
+        if m.heads.budgeted and bool((n_valid <= self.row_budget[:, None]).all()) and bool(valid.all()):
+            return None  # within budget and nothing to tidy: keep everything (bit-identical to full)
+        scores = m.score(step, history, self.row_budget).float().masked_fill(~valid, float("-inf"))
+        counts = torch.minimum(m.heads.head_counts(scores, self.row_budget, m.window), n_valid)
         idx, hole = keep_top(scores, counts)
         gather = idx[..., None].expand(-1, -1, -1, self.k.shape[-1])
         self.k = torch.gather(self.k, 2, gather)
         self.v = torch.gather(self.v, 2, gather)
-        self.slots = torch.where(hole, -1, torch.gather(step.token_slots(), 2, idx)).to(torch.int32)
+        # a dense store holds every token since the first: its slots are 0 .. T - 1
+        slots = self.slots if self.slots is not None else torch.arange(valid.shape[2], device=idx.device).expand_as(valid)
+        self.slots = torch.where(hole, -1, torch.gather(slots.long(), 2, idx)).to(torch.int32)
         if history is not None:  # trailing dims (e.g. Scissorhands' per-key window of votes) follow their key
             tail = (1,) * (history.dim() - 3)
             hidx = idx.view(*idx.shape, *tail).expand(*idx.shape, *history.shape[3:])
             self.history = torch.gather(history, 2, hidx).masked_fill(hole.view(*hole.shape, *tail), 0)
+        return idx, hole
 
     def nbytes(self) -> int:
-        return super().nbytes() + sum(t.nbytes for t in (self.slots, self.history, self.counts) if t is not None)
+        return super().nbytes() + nbytes(self.slots, self.history, self.counts)

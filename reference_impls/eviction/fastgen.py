@@ -20,7 +20,7 @@ Deviations:
     model. `recovery=T` is the paper's mode.
 (4) Generation: new tokens are appended to every head and nothing is evicted while decoding; Alg. 2 also filters
     new tokens by each head's policy (a special-token head would not store an ordinary new token).
-(5) Token classes (`with_tokenizer`): special = the tokenizer's special and added tokens (SmolLM2: <|im_start|>,
+(5) Token classes (from `Model.tokenizer`, given to the cache): special = the tokenizer's special and added tokens (SmolLM2: <|im_start|>,
     <|im_end|> ...; chat-template role words are ordinary text); punctuation = entries whose decoded text has a
     punctuation character (ASCII or Unicode category P) and otherwise only whitespace, so "\\n" alone is not
     punctuation (cold-compress counts it). Without a tokenizer both sets are empty.
@@ -32,14 +32,14 @@ import functools
 import string
 import unicodedata
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from reference_impls.base import Step
-from reference_impls.eviction.adakv import adakv_counts
-from reference_impls.eviction.base import EvictionMethod
+from reference_impls.base import Model, Step
+from reference_impls.eviction.base import EvictingStore, EvictionMethod
+from reference_impls.eviction.policies import Adaptive, Threshold
 
 __all__ = ["FastGen", "POLICIES", "fastgen_policy", "fastgen_profile", "fastgen_threshold", "token_classes"]
 
@@ -134,7 +134,7 @@ class FastGen(EvictionMethod):
         budget: average tokens kept per head (the layer keeps H_kv * budget); overrides ratio.
         r_local, r_frequent: window and heavy-hitter shares of the prompt length (paper: 0.3, 0.3).
         recovery: the paper's threshold T in [0, 1]; when set, ratio is ignored and memory follows the profile.
-        special_ids, punct_ids: token ids of C_special and C_punct; `with_tokenizer` fills them.
+        special_ids, punct_ids: token ids of C_special and C_punct; by default read from the cache's tokenizer.
     """
 
     r_local: float = 0.3
@@ -142,7 +142,8 @@ class FastGen(EvictionMethod):
     recovery: Optional[float] = None
     special_ids: frozenset = field(default=frozenset(), repr=False)
     punct_ids: frozenset = field(default=frozenset(), repr=False)
-    name = "fastgen"
+    heads: Any = field(default_factory=lambda: Adaptive(alpha=0.0))  # the policy tokens first, then the layer's best
+    _ids: Optional[Callable] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -153,52 +154,40 @@ class FastGen(EvictionMethod):
                                  f"got {value!r}")
         if self.recovery is not None and self.budget is not None:
             raise ValueError("FastGen: set recovery (memory follows the profile) or budget, not both")
+        if self.recovery is not None:  # the paper's mode: each head holds exactly its profiled policy's tokens
+            self.heads = Threshold(_LIFT)
         for attr in ("special_ids", "punct_ids"):
             ids = getattr(self, attr)
             if not all(isinstance(i, int) and i >= 0 for i in ids):
                 raise ValueError(f"FastGen: {attr} must hold token ids (ints >= 0), got {sorted(ids, key=str)[:5]!r}")
             setattr(self, attr, frozenset(ids))
 
-    def with_tokenizer(self, tokenizer) -> "FastGen":
-        special, punct = token_classes(tokenizer)
-        return replace(self, special_ids=special, punct_ids=punct)
-
-    def layer_budget(self, n_real: Tensor, layer_idx: int, num_layers: int) -> Tensor:
-        if self.recovery is not None:  # no token budget: 0 makes the store always profile; keep_counts decides
-            return torch.zeros_like(n_real)
-        return super().layer_budget(n_real, layer_idx, num_layers)
+    def new_layer(self, layer_idx: int, model: Model) -> EvictingStore:
+        """A store for this model: the token classes come from its tokenizer (unless given), the held tokens'
+        ids from the cache (`Model.token_ids`)."""
+        classes = token_classes(model.tokenizer) if model.tokenizer is not None else (frozenset(), frozenset())
+        bound = replace(self, special_ids=self.special_ids or classes[0], punct_ids=self.punct_ids or classes[1])
+        bound._ids = model.token_ids
+        return EvictingStore(bound, layer_idx, model)
 
     def _classes(self, step: Step) -> tuple[Tensor, Tensor]:
         """(special, punct), each (B, H_kv, T) bool, from the ids of the held tokens."""
-        slots = step.token_slots()
+        pos = step.positions
         if not (self.special_ids or self.punct_ids):
-            return torch.zeros_like(slots, dtype=torch.bool), torch.zeros_like(slots, dtype=torch.bool)
-        if step.token_ids is None:
-            raise ValueError("FastGen: special_ids/punct_ids need step.token_ids, which is None because the model was "
-                             "fed embeddings; feed input ids, or use FastGen without with_tokenizer (empty sets)")
-        ids = step.token_ids.gather(1, slots.clamp(min=0).flatten(1)).view_as(slots)
+            return torch.zeros_like(pos, dtype=torch.bool), torch.zeros_like(pos, dtype=torch.bool)
+        if self._ids is None:
+            raise ValueError("FastGen: special_ids/punct_ids need the token ids, which the cache does not know because "
+                             "the model was fed embeddings; feed input ids, or build the cache without a tokenizer")
+        ids = self._ids(pos)
         return tuple(torch.isin(ids, torch.tensor(sorted(s), dtype=ids.dtype, device=ids.device))
                      for s in (self.special_ids, self.punct_ids))
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         """The frequency score, lifted by _LIFT on the tokens of each head's profiled policy (kept first)."""
         B, H_kv, T, _ = step.keys.shape
-        q_slots = torch.arange(step.seen - step.q_len, step.seen, device=step.keys.device)
-        if step.pad_valid is None:
-            q_real, q_pos = torch.ones(B, step.q_len, dtype=torch.bool, device=q_slots.device), q_slots.expand(B, -1)
-        else:
-            q_real, q_pos = step.pad_valid[:, q_slots], (step.pad_valid.long().cumsum(-1) - 1)[:, q_slots]
-        # the profile does not depend on the budget: a recorded prefill shares it between target ratios
-        key = ("fastgen", step.layer_idx, self.r_local, self.r_frequent, self.special_ids, self.punct_ids)
-        if step.memo is not None and step.compress and key in step.memo:
-            keep, recovered, freq = step.memo[key]
-        else:
-            special, punct = self._classes(step)
-            keep, recovered, freq = fastgen_profile(step.probs(), q_real, q_pos, step.token_positions(), special,
-                                                    punct, step.n_real(), r_local=self.r_local,
-                                                    r_frequent=self.r_frequent)
-            if step.memo is not None and step.compress:
-                step.memo[key] = keep, recovered, freq
+        special, punct = self._classes(step)
+        keep, recovered, freq = fastgen_profile(step.probs(), step.q_real, step.q_positions, step.positions, special,
+                                                punct, step.n_real(), r_local=self.r_local, r_frequent=self.r_frequent)
         if self.recovery is None:
             threshold = fastgen_threshold(recovered, keep.sum(-1), H_kv * budget)
         else:
@@ -206,8 +195,3 @@ class FastGen(EvictionMethod):
         policy = fastgen_policy(recovered, threshold)
         kept = keep.gather(2, policy[:, :, None, None].expand(B, H_kv, 1, T)).squeeze(2)
         return torch.where(kept, _LIFT + freq, freq)
-
-    def keep_counts(self, scores: Tensor, row_budget: Tensor) -> Tensor:
-        if self.recovery is not None:
-            return (scores >= _LIFT).sum(-1)  # each head holds exactly its policy's tokens
-        return adakv_counts(scores, row_budget, alpha=0.0)  # policy tokens first, then the layer's best scores

@@ -66,11 +66,11 @@ class H2O(EvictionMethod):
         ratio: target tokens seen / tokens kept (at the compressing pass; the budget then stays fixed).
         budget: absolute tokens kept per layer and head; overrides ratio.
         heavy_fraction: share of the budget for heavy hitters, the rest is the recent window (0.5 = equal
-            halves, as in the benchmark seed and the paper's default of 20% + 20% of the sequence).
+            halves, as in the benchmark seed and the official code's defaults, heavy_ratio = recent_ratio = 0.1
+            of the sequence, i.e. 10% + 10% for a 20% cache).
     """
 
     heavy_fraction: float = 0.5
-    name = "h2o"
     evict_while_decoding = True
 
     def __post_init__(self):
@@ -80,9 +80,9 @@ class H2O(EvictionMethod):
 
     def observe(self, step: Step, history: Optional[Tensor]) -> Tensor:
         """The accumulated attention of every held key, this step's queries included (Alg. 1)."""
-        q_real = None if step.pad_valid is None else step.pad_valid[:, step.seen - step.q_len:]
-        return h2o_accumulate(history, step.probs(), step.keys.shape[1], q_real).masked_fill(~step.valid, 0.0)
+        # padding queries see nothing in step.mask, so their attention rows are 0: they vote for nothing
+        return h2o_accumulate(history, step.probs(), step.keys.shape[1]).masked_fill(~step.valid, 0.0)
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         n_recent = budget - (budget.double() * self.heavy_fraction).round().long()  # budget fixed at compression
-        return h2o_scores(history, step.token_positions(), step.n_real(), n_recent)
+        return h2o_scores(history, step.positions, step.n_real(), n_recent)

@@ -47,7 +47,6 @@ class KeyDiff(EvictionMethod):
         budget: absolute tokens kept per layer and head; overrides ratio.
     """
 
-    name = "keydiff"
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         return keydiff_scores(step.keys, step.valid)

@@ -25,7 +25,7 @@ official code masks them); the fp32 score per kept token is counted in nbytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -99,8 +99,7 @@ class Keyformer(EvictionMethod):
         gumbel: add the Gumbel noise (False: with tau 1 the score is H2O's accumulated attention).
         seed: int >= 0 seeding the noise (see `gumbel_noise`): same seed, same kept tokens.
 
-    The temperature needs the number of steps since the compressing pass, which this object counts per layer
-    (reset by the compressing pass and by a store's first step): one method object serves one cache at a time.
+    The temperature follows `Step.since_compress`, the number of forward passes since the compressing pass.
     """
 
     recent_fraction: float = 0.3
@@ -109,9 +108,7 @@ class Keyformer(EvictionMethod):
     tau_steps: int = 128
     gumbel: bool = True
     seed: int = 0
-    name = "keyformer"
     evict_while_decoding = True
-    _steps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,21 +130,15 @@ class Keyformer(EvictionMethod):
 
     def observe(self, step: Step, history: Optional[Tensor]) -> Tensor:
         """The accumulated regularised score of every held key, this step's queries included."""
-        t = 0 if step.compress or history is None else self._steps.get(step.layer_idx, 0) + 1
-        self._steps[step.layer_idx] = t
+        t = max(step.since_compress, 0)
         B, H_kv, T = step.valid.shape
-        mask = step.mask
-        if mask is None and step.q_len > 1:  # dense causal, as Step.probs: query i sees keys up to T - q + i
-            mask = torch.ones(step.q_len, T, dtype=torch.bool, device=step.keys.device).tril(T - step.q_len)[None, None]
-        q_real = None if step.pad_valid is None else step.pad_valid[:, step.seen - step.q_len:]
         noise = None
         if self.gumbel:
-            real = torch.ones(B, step.q_len, dtype=torch.bool, device=step.keys.device) if q_real is None else q_real
-            noise = gumbel_noise(step.valid, real, step.queries.shape[1], step.n_real(), self.seed, step.layer_idx)
-        f = keyformer_scores(step.queries, step.keys, step.scaling, mask, tau=self.tau(t), noise=noise)
-        return h2o_accumulate(history, f, H_kv, q_real).masked_fill(~step.valid, 0.0)
+            noise = gumbel_noise(step.valid, step.q_real, step.queries.shape[1], step.n_real(), self.seed, step.layer_idx)
+        f = keyformer_scores(step.queries, step.keys, step.scaling, step.mask, tau=self.tau(t), noise=noise)
+        return h2o_accumulate(history, f, H_kv).masked_fill(~step.valid, 0.0)
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         # floor like the official int(req * recent / 100); the epsilon keeps e.g. 0.29 * 100 from flooring to 28
         n_recent = (budget.double() * self.recent_fraction + 1e-9).floor().long()
-        return h2o_scores(history, step.token_positions(), step.n_real(), n_recent)
+        return h2o_scores(history, step.positions, step.n_real(), n_recent)

@@ -41,7 +41,6 @@ class KNorm(EvictionMethod):
         budget: absolute tokens kept per layer and head; overrides ratio.
     """
 
-    name = "knorm"
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         return knorm_scores(step.keys)

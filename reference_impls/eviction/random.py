@@ -45,7 +45,6 @@ class RandomEviction(EvictionMethod):
     """
 
     seed: int = 0
-    name = "random"
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,4 +52,4 @@ class RandomEviction(EvictionMethod):
             raise ValueError(f"RandomEviction: seed must be an int >= 0, got {self.seed!r}")
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
-        return random_scores(step.token_positions(), self.seed, step.layer_idx)
+        return random_scores(step.positions, self.seed, step.layer_idx)

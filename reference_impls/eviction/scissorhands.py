@@ -60,19 +60,23 @@ def _unpack(bits: Tensor) -> Tensor:
     return ((bits[..., None] >> _SHIFTS.to(bits.device)) & 1).bool().flatten(-2)
 
 
-def window_update(bits: Optional[Tensor], votes: Tensor, first: int, window: int) -> Tensor:
+def window_update(bits: Optional[Tensor], votes: Tensor, first, window: int) -> Tensor:
     """Write this step's votes into every key's ring of the last `window` queries (Alg. 2's history window).
 
     bits (B, H_kv, T_old, ceil(w / 8)) uint8 for the keys held before this step, or None; votes (B, H_kv, n, T)
-    for the queries at stream indices first .. first + n - 1 (n <= window). Query s owns bit s mod window, so
-    writing it overwrites the query that left the window; new keys start with no votes. Returns (B, H_kv, T, nb).
+    for the queries at positions first .. first + n - 1 of each row (n <= window; first an int or (B,)). Query
+    s owns bit s mod window, so writing it overwrites the query that left the window; new keys start with no
+    votes. Returns (B, H_kv, T, nb).
     """
     B, H_kv, n, T = votes.shape
     nb = (window + 7) // 8
     ring = torch.zeros(B, H_kv, T, 8 * nb, dtype=torch.bool, device=votes.device)
     if bits is not None:
         ring[:, :, : bits.shape[2]] = _unpack(bits)
-    ring[..., (first + torch.arange(n, device=votes.device)) % window] = votes.transpose(2, 3)
+    first = torch.as_tensor(first, device=votes.device).expand(B)
+    slot = torch.nn.functional.one_hot((first[:, None] + torch.arange(n, device=votes.device)) % window, 8 * nb)
+    new = torch.matmul(votes.transpose(2, 3).float(), slot[:, None].float()) > 0  # (B, H_kv, T, 8 nb)
+    ring = (ring & ~slot.any(1)[:, None, None, :].bool()) | new
     packed = ring.view(B, H_kv, T, nb, 8).to(torch.uint8) << _SHIFTS.to(votes.device)
     return packed.sum(-1).to(torch.uint8)
 
@@ -107,7 +111,6 @@ class Scissorhands(EvictionMethod):
 
     history_window: int = 100
     recent_window: int = 10
-    name = "scissorhands"
     evict_while_decoding = True
 
     def __post_init__(self):
@@ -119,18 +122,10 @@ class Scissorhands(EvictionMethod):
 
     def observe(self, step: Step, history: Optional[Tensor]) -> Tensor:
         """Each held key's ring of votes, this step's last min(q, w) queries written in (older ones left the window)."""
-        T, q = step.keys.shape[2], step.q_len
-        n = min(q, self.history_window)
-        if step.mask is not None:
-            allowed = step.mask[:, :, q - n:]
-        else:  # dense causal: query i of this step sees keys up to T - q + i
-            last = T - q + torch.arange(q - n, q, device=step.keys.device)
-            allowed = (torch.arange(T, device=step.keys.device) <= last[:, None]).expand(*step.keys.shape[:2], n, T)
-        allowed = allowed & step.valid[:, :, None, :]
-        if step.pad_valid is not None:  # padding queries vote for nothing
-            allowed = allowed & step.pad_valid[:, None, step.seen - n: step.seen, None]
-        votes = unimportant_votes(step.queries[:, :, q - n:], step.keys, allowed, step.scaling)
-        return window_update(history, votes, step.seen - n, self.history_window)
+        obs = step.last(self.history_window)  # a padding query sees nothing, so it votes for nothing
+        votes = unimportant_votes(obs.queries, step.keys, obs.mask, step.scaling)
+        # a query's ring slot is its position in its row (a padding query's is below 0 and holds no vote)
+        return window_update(history, votes, obs.q_positions[:, -1] - (obs.q_len - 1), self.history_window)
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
-        return scissorhands_scores(window_counts(history), step.token_positions(), step.n_real(), self.recent_window)
+        return scissorhands_scores(window_counts(history), step.positions, step.n_real(), self.recent_window)

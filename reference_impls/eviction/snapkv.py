@@ -11,6 +11,11 @@ round(n / ratio) tokens per head *including* the window (kvpress's convention); 
 `max_capacity_prompt` is the same quantity as an absolute count (our `budget`). (3) When the budget is
 smaller than the window, the most recent window tokens are kept (the official code asserts budget > window).
 (4) Window queries are summed (official) rather than averaged (kvpress); the ranking is the same.
+
+Presets: the default is kvpress's SnapKVPress (window 64, kernel 5, average pooling), which the recorded
+kvpress fixtures check token for token. `preset="paper"` is the official code's LongBench setting
+(`snapkv/monkeypatch/snapkv_utils.py` defaults and its LongBench configs: window 32, kernel 7, max pooling);
+a test pins both presets to those values. Explicit knobs override a preset.
 """
 
 from __future__ import annotations
@@ -58,18 +63,27 @@ class SnapKV(EvictionMethod):
     Args:
         ratio: target tokens seen / tokens kept, window included.
         budget: absolute tokens kept per layer and head (the official `max_capacity_prompt`); overrides ratio.
-        window: observation window, the last `window` tokens of the compressed pass (official/kvpress: 64).
-        kernel_size: odd pooling width (official/kvpress default 5).
-        pooling: "avg" (official default) or "max".
+        window: observation window, the last `window` tokens of the compressed pass (kvpress 64, paper 32).
+        kernel_size: odd pooling width (kvpress 5, paper 7).
+        pooling: "avg" (kvpress) or "max" (paper).
+        preset: "kvpress" (default) or "paper": fills window, kernel_size and pooling left as None.
     """
 
-    window: int = 64
-    kernel_size: int = 5
-    pooling: str = "avg"
-    name = "snapkv"
+    window: Optional[int] = None
+    kernel_size: Optional[int] = None
+    pooling: Optional[str] = None
+    preset: str = "kvpress"
+
+    PRESETS = {"kvpress": dict(window=64, kernel_size=5, pooling="avg"),
+               "paper": dict(window=32, kernel_size=7, pooling="max")}
 
     def __post_init__(self):
         super().__post_init__()
+        if self.preset not in self.PRESETS:
+            raise ValueError(f"{type(self).__name__}: preset must be one of {', '.join(self.PRESETS)}, got {self.preset!r}")
+        for knob, value in self.PRESETS[self.preset].items():
+            if getattr(self, knob) is None:
+                setattr(self, knob, value)
         if not (isinstance(self.window, int) and self.window >= 1):
             raise ValueError(f"SnapKV: window must be an int >= 1, got {self.window!r}")
         if not (isinstance(self.kernel_size, int) and self.kernel_size >= 1 and self.kernel_size % 2 == 1):
@@ -78,15 +92,11 @@ class SnapKV(EvictionMethod):
             raise ValueError(f"SnapKV: pooling must be 'avg' or 'max', got {self.pooling!r}")
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
-        B, H_kv, T, _ = step.keys.shape
-        w = min(self.window, step.q_len)
-        pos = step.token_positions()  # (B, H_kv, T), -1 for holes; padding-free positions
+        obs = step.last(self.window)  # the observation window's queries (a padding query sees nothing)
+        w = obs.q_len
+        pos = step.positions  # (B, H_kv, T), -1 for holes and padding
         in_window = step.valid & (pos >= (step.n_real() - w)[:, None, None])
-        mask = step.mask[:, :, -w:] if step.mask is not None else None
-        if step.pad_valid is not None:  # a padding query in the window votes for nothing
-            q_real = step.pad_valid[:, step.seen - w:]  # (B, w)
-            mask = mask & step.valid[:, :, None, :] & q_real[:, None, :, None]
-        votes = snapkv_scores(step.queries[:, :, -w:], step.keys, step.scaling, kernel_size=self.kernel_size,
-                              pooling=self.pooling, mask=mask, in_window=in_window)
+        votes = snapkv_scores(obs.queries, step.keys, step.scaling, kernel_size=self.kernel_size,
+                              pooling=self.pooling, mask=obs.mask, in_window=in_window)
         # the window is always kept, most recent first if the budget cannot hold all of it
         return torch.where(in_window, (w + 1 + pos).to(votes.dtype), votes)

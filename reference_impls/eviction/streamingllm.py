@@ -45,7 +45,6 @@ class StreamingLLM(EvictionMethod):
     """
 
     n_sink: int = 4
-    name = "streamingllm"
     evict_while_decoding = True
 
     def __post_init__(self):
@@ -54,4 +53,4 @@ class StreamingLLM(EvictionMethod):
             raise ValueError(f"StreamingLLM: n_sink must be an int >= 0, got {self.n_sink!r}")
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
-        return streaming_scores(step.token_positions(), self.n_sink)
+        return streaming_scores(step.positions, self.n_sink)

@@ -46,9 +46,8 @@ class TOVA(EvictionMethod):
         budget: absolute tokens kept per layer (the paper's multi-state size); overrides ratio.
     """
 
-    name = "tova"
     evict_while_decoding = True
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
-        mask = None if step.mask is None else step.mask[:, :, -1:]  # under left padding the last query is real
-        return tova_scores(step.queries[:, :, -1:], step.keys, step.scaling, mask)
+        last = step.last(1)  # under left padding the last query is real
+        return tova_scores(last.queries, step.keys, step.scaling, last.mask)

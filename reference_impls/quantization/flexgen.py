@@ -23,11 +23,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from reference_impls.base import KVMethod, LayerStore, Step
 from reference_impls.quantization.primitives import QuantizedTensor
-from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
+from reference_impls.quantization.ratios import EMBEDDED, CacheSpec
+from reference_impls.quantization.store import Quantizer
 
-__all__ = ["FlexGen", "FlexGenStore", "flexgen_quantize"]
+__all__ = ["FlexGen", "flexgen_quantize"]
 
 
 def flexgen_quantize(x: Tensor, *, bits: int, group_size: int) -> QuantizedTensor:
@@ -35,37 +35,8 @@ def flexgen_quantize(x: Tensor, *, bits: int, group_size: int) -> QuantizedTenso
     return QuantizedTensor.from_float(x, bits=bits, dim=3, group_size=group_size)
 
 
-class FlexGenStore(LayerStore):
-    """Packed per-token codes of every token but those of the current step."""
-
-    def __init__(self, method: "FlexGen"):
-        self.method = method
-        self.kq: Optional[QuantizedTensor] = None  # (B, H_kv, T, D)
-        self.vq: Optional[QuantizedTensor] = None
-        self.new: Optional[tuple[Tensor, Tensor]] = None  # this step's tokens, until after attention
-
-    def append(self, k: Tensor, v: Tensor):
-        self.new = (k, v)
-        if self.kq is None:
-            return k, v, None
-        return (torch.cat([self.kq.dequantize(k.dtype), k], dim=2),
-                torch.cat([self.vq.dequantize(v.dtype), v], dim=2), None)
-
-    def after_attention(self, step: Step) -> None:
-        (k, v), self.new = self.new, None
-        m = self.method
-        kq, vq = flexgen_quantize(k, bits=m.bits, group_size=m.group_size), flexgen_quantize(
-            v, bits=m.bits, group_size=m.group_size)
-        self.kq = kq if self.kq is None else self.kq.cat(kq, dim=2)
-        self.vq = vq if self.vq is None else self.vq.cat(vq, dim=2)
-
-    def nbytes(self) -> int:
-        held = sum(t.nbytes for t in (self.kq, self.vq) if t is not None)
-        return held + (0 if self.new is None else sum(t.nbytes for t in self.new))
-
-
 @dataclass
-class FlexGen(KVMethod):
+class FlexGen(Quantizer):
     """Group-wise asymmetric min-max KV quantization, keys and values per token.
 
     Args:
@@ -76,7 +47,6 @@ class FlexGen(KVMethod):
     bits: int = 4
     group_size: int = 32
 
-    name = "flexgen"
 
     def __post_init__(self):
         if self.bits not in (1, 2, 4, 8):
@@ -84,8 +54,12 @@ class FlexGen(KVMethod):
         if not (isinstance(self.group_size, int) and self.group_size >= 1):
             raise ValueError(f"FlexGen: group_size must be an int >= 1, got {self.group_size!r}")
 
-    def new_layer(self, layer_idx: int, num_layers: int) -> FlexGenStore:
-        return FlexGenStore(self)
+    def encode(self, k, v, step, state) -> dict:
+        return {"k": flexgen_quantize(k, bits=self.bits, group_size=self.group_size),
+                "v": flexgen_quantize(v, bits=self.bits, group_size=self.group_size)}
+
+    def decode(self, block, dtype, state):
+        return block["k"].dequantize(dtype), block["v"].dequantize(dtype)
 
     def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
         """Full bytes / bytes held: per token, packed codes and a scale and a zero per group (in the cache's
@@ -94,12 +68,11 @@ class FlexGen(KVMethod):
         return D * cb / (8 * math.ceil(D * self.bits / 8) + math.ceil(D / self.group_size) * 2 * cb)
 
     @classmethod
-    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "FlexGen":
+    def candidates(cls, cache: CacheSpec) -> list["FlexGen"]:
         """The bits (8, 4, 2, 1) and group size (64, 32, 16) whose nominal ratio on `cache` is nearest `ratio`.
 
         Nominal ratio D cb / (b D + 2 cb D / G): on the benchmark's fp32 cache 32 / (b + 64 / G), so targets
         2 -> 8 bits G = 16 (2.7x), 4 -> 4 bits G = 16 (4x), 8 -> 2 bits G = 32 (8x); on fp16 (16 / (b + 32 / G))
         2 -> 8 bits G = 64 (1.9x), 4 -> 2 bits G = 16 (4x), 8 -> 1 bit G = 32 (8x).
         """
-        candidates = [cls(bits=b, group_size=g) for b in (8, 4, 2, 1) for g in (16, 32, 64)]
-        return closest(ratio, candidates, cache, "FlexGen")
+        return [cls(bits=b, group_size=g) for b in (8, 4, 2, 1) for g in (16, 32, 64)]

@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from reference_impls.base import KVMethod, LayerStore, Step
-from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
+from reference_impls.quantization.ratios import EMBEDDED, CacheSpec
+from reference_impls.quantization.store import Quantizer
 
-__all__ = ["FP8", "FP8Store", "FP8_FORMATS", "fp8_dequantize", "fp8_quantize", "fp8_scale"]
+__all__ = ["FP8", "FP8_FORMATS", "fp8_dequantize", "fp8_quantize", "fp8_scale"]
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
@@ -48,40 +48,8 @@ def fp8_dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (codes.float() * scale).to(dtype)
 
 
-class FP8Store(LayerStore):
-    """FP8 keys/values of every token but the current step's, plus the frozen fp32 scales."""
-
-    def __init__(self, method: "FP8"):
-        self.method = method
-        self.k: Optional[Tensor] = None  # (B, H_kv, T, D) float8
-        self.v: Optional[Tensor] = None
-        self.k_scale: Optional[Tensor] = None  # (1, 1 or H_kv, 1, 1) fp32
-        self.v_scale: Optional[Tensor] = None
-        self.new: Optional[tuple[Tensor, Tensor]] = None
-
-    def append(self, k: Tensor, v: Tensor):
-        self.new = (k, v)  # this step attends to its own tokens at full precision
-        if self.k is None:
-            return k, v, None
-        return (torch.cat([fp8_dequantize(self.k, self.k_scale, k.dtype), k], dim=2),
-                torch.cat([fp8_dequantize(self.v, self.v_scale, v.dtype), v], dim=2), None)
-
-    def after_attention(self, step: Step) -> None:
-        (k, v), self.new = self.new, None
-        fmt, per_head = self.method.fmt, self.method.granularity == "head"
-        if self.k_scale is None:  # calibrate once, on the first tokens (the prefill), then freeze
-            self.k_scale, self.v_scale = fp8_scale(k, fmt, per_head), fp8_scale(v, fmt, per_head)
-        kq, vq = fp8_quantize(k, self.k_scale, fmt), fp8_quantize(v, self.v_scale, fmt)
-        self.k = kq if self.k is None else torch.cat([self.k, kq], dim=2)
-        self.v = vq if self.v is None else torch.cat([self.v, vq], dim=2)
-
-    def nbytes(self) -> int:
-        held = [self.k, self.v, self.k_scale, self.v_scale] + list(self.new or ())
-        return sum(t.nbytes for t in held if t is not None)
-
-
 @dataclass
-class FP8(KVMethod):
+class FP8(Quantizer):
     """FP8 KV cache with a frozen scale.
 
     Args:
@@ -92,7 +60,6 @@ class FP8(KVMethod):
     fmt: str = "e4m3"
     granularity: str = "tensor"
 
-    name = "fp8"
 
     def __post_init__(self):
         if self.fmt not in FP8_FORMATS:
@@ -100,15 +67,21 @@ class FP8(KVMethod):
         if self.granularity not in ("tensor", "head"):
             raise ValueError(f"FP8: granularity must be 'tensor' or 'head', got {self.granularity!r}")
 
-    def new_layer(self, layer_idx: int, num_layers: int) -> FP8Store:
-        return FP8Store(self)
+    def encode(self, k, v, step, state) -> dict:
+        per_head = self.granularity == "head"
+        if "k_scale" not in state:  # calibrate once, on the first tokens (the prefill), then freeze
+            state["k_scale"], state["v_scale"] = fp8_scale(k, self.fmt, per_head), fp8_scale(v, self.fmt, per_head)
+        return {"k": fp8_quantize(k, state["k_scale"], self.fmt), "v": fp8_quantize(v, state["v_scale"], self.fmt)}
+
+    def decode(self, block, dtype, state):
+        return fp8_dequantize(block["k"], state["k_scale"], dtype), fp8_dequantize(block["v"], state["v_scale"], dtype)
 
     def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
         """Full bytes / bytes held: one byte per element (the fp32 scales are a few bytes per layer)."""
         return cache.bits / 8
 
     @classmethod
-    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "FP8":
+    def candidates(cls, cache: CacheSpec) -> list["FP8"]:
         """E4M3 per tensor, the only candidate, whatever the target: 4x on the benchmark's fp32 cache, 2x on
         fp16 (the achieved ratio is reported; targets 2, 4 and 8 all give this configuration)."""
-        return closest(ratio, [cls()], cache, "FP8")
+        return [cls()]

@@ -10,8 +10,8 @@ Deviations: (1) L is the exact truncated SVD of the residual (the best rank-r ma
 few power iterations that approximate it. (2) The backbone is KIVI-style group quantization (keys per
 channel in groups of G tokens, values per token in groups of G channels), as in GEAR-KIVI. (3) One rank for
 every block (the official scripts: rank 4 at prefill, 2 for decoding blocks). (4) Outliers are the
-ceil(s n / 2) largest and smallest entries of each quantization vector (key channel within its block, value
-token); the official code takes int(s H D / 2) per token for both. As there, an outlier is replaced by its
+ceil(s n / 2) largest and smallest entries of each quantization vector: per channel (within the block) for
+keys and per token for values, as in the official code, which counts int(s n / 2) per tail of each vector. As there, an outlier is replaced by its
 vector's mean before quantizing; S holds X - D at the outliers (int32 index + value).
 """
 
@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from reference_impls.base import KVMethod, LayerStore, Step
 from reference_impls.quantization.primitives import QuantizedTensor, SparseRows, dense_range
-from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
+from reference_impls.quantization.ratios import EMBEDDED, CacheSpec
+from reference_impls.quantization.store import Quantizer
 
-__all__ = ["GEAR", "GEARStore", "gear_decompose", "gear_reconstruct"]
+__all__ = ["GEAR", "gear_decompose", "gear_reconstruct"]
 
 
 def gear_decompose(x: Tensor, *, bits: int, group_size: int, dim: int, rank: int, outlier_frac: float):
@@ -54,46 +53,8 @@ def gear_reconstruct(q: QuantizedTensor, S: Tensor, A: Tensor, Bt: Tensor) -> Te
     return q.dequantize() + S.float() + A.float() @ Bt.float().transpose(-1, -2)
 
 
-class GEARStore(LayerStore):
-    """Per block: packed codes + scales (QuantizedTensor) and low-rank factors; outliers sparse; a buffer."""
-
-    def __init__(self, method: "GEAR"):
-        self.m = method
-        self.blocks: list[dict] = []  # per block: kq, kA, kB, vq, vA, vB
-        self.k_s, self.v_s = SparseRows(), SparseRows()  # S of every block, time-major
-        self.k: Optional[Tensor] = None  # (B, H_kv, n, D) streaming buffer, full precision
-        self.v: Optional[Tensor] = None
-
-    def append(self, k: Tensor, v: Tensor):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        if not self.blocks:
-            return self.k, self.v, None
-        lowrank = lambda q, A, B: q.dequantize() + A.float() @ B.float().transpose(-1, -2)  # noqa: E731
-        keys = self.k_s.put(torch.cat([lowrank(b["kq"], b["kA"], b["kB"]) for b in self.blocks], 2), add=True)
-        vals = self.v_s.put(torch.cat([lowrank(b["vq"], b["vA"], b["vB"]) for b in self.blocks], 2), add=True)
-        return torch.cat([keys.to(k.dtype), self.k], 2), torch.cat([vals.to(v.dtype), self.v], 2), None
-
-    def after_attention(self, step: Step) -> None:
-        m = self.m
-        if not (step.compress or self.k.shape[2] >= m.buffer_size):
-            return  # the prompt is compressed at once, then every buffer_size new tokens
-        block = {}
-        for name, x, dim, sparse in (("k", self.k, 2, self.k_s), ("v", self.v, 3, self.v_s)):
-            q, out, S, A, Bt = gear_decompose(x, bits=m.bits, group_size=m.group_size, dim=dim, rank=m.rank,
-                                              outlier_frac=m.outlier_frac)
-            sparse.add(S.to(x.dtype), out)
-            block.update({name + "q": q, name + "A": A.to(x.dtype), name + "B": Bt.to(x.dtype)})
-        self.blocks.append(block)
-        self.k = self.v = None
-
-    def nbytes(self) -> int:
-        held = [t for b in self.blocks for t in b.values()] + [t for t in (self.k, self.v) if t is not None]
-        return sum(t.nbytes for t in held) + self.k_s.nbytes() + self.v_s.nbytes()
-
-
 @dataclass
-class GEAR(KVMethod):
+class GEAR(Quantizer):
     """GEAR on a KIVI backbone: `bits`-bit codes, a rank-`rank` residual per head, `outlier_frac` sparse entries.
 
     Args:
@@ -110,7 +71,6 @@ class GEAR(KVMethod):
     outlier_frac: float = 0.02
     buffer_size: int = 64
 
-    name = "gear"
 
     def __post_init__(self):
         if self.bits not in (1, 2, 4, 8):
@@ -123,8 +83,26 @@ class GEAR(KVMethod):
         if not (isinstance(self.outlier_frac, (int, float)) and 0 <= self.outlier_frac < 0.5):
             raise ValueError(f"GEAR: outlier_frac must be in [0, 0.5), got {self.outlier_frac!r}")
 
-    def new_layer(self, layer_idx: int, num_layers: int) -> GEARStore:
-        return GEARStore(self)
+    def flush(self, held_k, held_v, buffered, step):
+        # the prompt is compressed at once, then every buffer_size new tokens
+        n = buffered if step.compress or buffered >= self.buffer_size else 0
+        return n, n
+
+    def encode(self, k, v, step, state) -> dict:
+        block = {}
+        for name, x, dim in (("k", k, 2), ("v", v, 3)):
+            q, out, S, A, Bt = gear_decompose(x, bits=self.bits, group_size=self.group_size, dim=dim, rank=self.rank,
+                                              outlier_frac=self.outlier_frac)
+            sparse = SparseRows()  # S: int32 index + value of each outlier
+            sparse.add(S.to(x.dtype), out)
+            block.update({name + "q": q, name + "A": A.to(x.dtype), name + "B": Bt.to(x.dtype), name + "S": sparse})
+        return block
+
+    def decode(self, block, dtype, state):
+        def part(name):  # D + L, then + S at the outliers
+            q, A, Bt = block[name + "q"], block[name + "A"], block[name + "B"]
+            return block[name + "S"].put(q.dequantize() + A.float() @ Bt.float().transpose(-1, -2), add=True).to(dtype)
+        return part("k"), part("v")
 
     def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
         """Full bytes / bytes held after T prompt tokens (one block): packed codes, a scale and a zero per group
@@ -138,7 +116,7 @@ class GEAR(KVMethod):
         return cache.full_bits() / (codes + ranges + lowrank + outliers * (32 + cb))
 
     @classmethod
-    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "GEAR":
+    def candidates(cls, cache: CacheSpec) -> list["GEAR"]:
         """The bits (8, 4, 2, 1; G = 64, rank 4, s = 2%) whose nominal ratio on `cache` is nearest `ratio`.
 
         The rank-4 factors (~2 bits per element at D = 64 in fp32) and the outliers (per value token, 2% of 64
@@ -146,4 +124,4 @@ class GEAR(KVMethod):
         3.7x, 2 bits 4.8x, 1 bit 5.6x, so targets 2 -> 8 bits, 4 -> 4, 8 -> 1 (5.6x, the nearest).
         On fp16: 1.5x, 2.4x, 3.4x, 4.2x.
         """
-        return closest(ratio, [cls(bits=b) for b in (8, 4, 2, 1)], cache, "GEAR")
+        return [cls(bits=b) for b in (8, 4, 2, 1)]

@@ -29,11 +29,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from reference_impls.base import KVMethod, LayerStore, Step
+from reference_impls.base import Step
 from reference_impls.quantization.primitives import QuantizedTensor
-from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
+from reference_impls.quantization.ratios import EMBEDDED, CacheSpec
+from reference_impls.quantization.store import Quantizer
 
-__all__ = ["KIVI", "KIVIStore", "kivi_quantize", "kivi_split"]
+__all__ = ["KIVI", "kivi_quantize", "kivi_split"]
 
 
 def kivi_split(T: int, *, group_size: int, residual_length: int) -> tuple[int, int]:
@@ -56,46 +57,8 @@ def kivi_quantize(k: Tensor, v: Tensor, *, bits: int, group_size: int, residual_
     return kq, k[:, :, nk:], vq, v[:, :, nv:]
 
 
-class KIVIStore(LayerStore):
-    """Packed key/value codes + fp scales/zeros + the full-precision residual of one layer."""
-
-    def __init__(self, method: "KIVI"):
-        self.method = method
-        self.kq: Optional[QuantizedTensor] = None  # (B, H_kv, Tk, D) keys, grouped along tokens
-        self.vq: Optional[QuantizedTensor] = None  # (B, H_kv, Tv, D) values, grouped along channels
-        self.k: Optional[Tensor] = None  # (B, H_kv, T - Tk, D) full-precision keys, the newest
-        self.v: Optional[Tensor] = None
-
-    def append(self, k: Tensor, v: Tensor):
-        # new tokens join the full-precision residual; attention sees old tokens de-quantized + residual
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        keys = self.k if self.kq is None else torch.cat([self.kq.dequantize(k.dtype), self.k], dim=2)
-        values = self.v if self.vq is None else torch.cat([self.vq.dequantize(v.dtype), self.v], dim=2)
-        return keys, values, None
-
-    def after_attention(self, step: Step) -> None:
-        # quantize what left the window: the same split as kivi_quantize over the whole stream
-        m = self.method
-        held_k = 0 if self.kq is None else self.kq.shape[2]
-        held_v = 0 if self.vq is None else self.vq.shape[2]
-        nk, nv = kivi_split(held_k + self.k.shape[2], group_size=m.group_size, residual_length=m.residual_length)
-        nk, nv = nk - held_k, nv - held_v  # tokens of the residual to quantize now
-        if nk > 0:
-            new = QuantizedTensor.from_float(self.k[:, :, :nk], bits=m.bits, dim=2, group_size=m.group_size)
-            self.kq = new if self.kq is None else self.kq.cat(new, dim=2)
-            self.k = self.k[:, :, nk:]
-        if nv > 0:
-            new = QuantizedTensor.from_float(self.v[:, :, :nv], bits=m.bits, dim=3, group_size=m.group_size)
-            self.vq = new if self.vq is None else self.vq.cat(new, dim=2)
-            self.v = self.v[:, :, nv:]
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.kq, self.vq, self.k, self.v) if t is not None)
-
-
 @dataclass
-class KIVI(KVMethod):
+class KIVI(Quantizer):
     """KIVI-`bits`: asymmetric min-max, keys per channel and values per token, groups of G, window of R.
 
     Args:
@@ -108,7 +71,6 @@ class KIVI(KVMethod):
     group_size: int = 32
     residual_length: int = 128
 
-    name = "kivi"
 
     def __post_init__(self):
         if self.bits not in (1, 2, 4, 8):
@@ -120,8 +82,17 @@ class KIVI(KVMethod):
             raise ValueError(f"KIVI: residual_length must be an int >= 0 and a multiple of group_size "
                              f"({self.group_size}), got {self.residual_length!r}")
 
-    def new_layer(self, layer_idx: int, num_layers: int) -> KIVIStore:
-        return KIVIStore(self)
+    def flush(self, held_k: int, held_v: int, buffered: int, step: Step) -> tuple[int, int]:
+        # what left the window: the same split as kivi_quantize over the whole stream
+        nk, nv = kivi_split(held_k + buffered, group_size=self.group_size, residual_length=self.residual_length)
+        return nk - held_k, nv - held_v
+
+    def encode(self, k, v, step, state) -> dict:
+        return {"k": None if k is None else QuantizedTensor.from_float(k, bits=self.bits, dim=2, group_size=self.group_size),
+                "v": None if v is None else QuantizedTensor.from_float(v, bits=self.bits, dim=3, group_size=self.group_size)}
+
+    def decode(self, block, dtype, state):
+        return tuple(None if block[x] is None else block[x].dequantize(dtype) for x in ("k", "v"))
 
     def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
         """Full bytes / the bytes held after T prompt tokens: packed codes, a scale and a zero per group of G
@@ -134,11 +105,11 @@ class KIVI(KVMethod):
         return cache.full_bits() / (keys + values)
 
     @classmethod
-    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "KIVI":
+    def candidates(cls, cache: CacheSpec) -> list["KIVI"]:
         """The bits (8, 4, 2, 1; G = 32, R = 128) whose nominal ratio on `cache` is nearest `ratio`.
 
         On the benchmark's fp32 cache (1.5k tokens, D = 64) the nominal ratios are 8 bits 2.8x, 4 bits 4.1x,
         2 bits 5.3x, 1 bit 6.2x (the fp32 window of R tokens caps them): targets 2 -> 8 bits, 4 -> 4, 8 -> 1.
         Against fp16 (`CacheSpec(bits=16)`): 1.7x, 2.8x, 4.1x, 5.3x.
         """
-        return closest(ratio, [cls(bits=b) for b in (8, 4, 2, 1)], cache, "KIVI")
+        return [cls(bits=b) for b in (8, 4, 2, 1)]

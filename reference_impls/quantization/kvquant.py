@@ -12,24 +12,26 @@ fixes the layer's nuqX levels (one set for keys, one for values) and each row's 
 outliers are its ceil(f n / 2) largest and smallest entries (the official `cap_outliers` count); a key
 channel's range then stays fixed and any later entry outside it is an outlier, as with the official offline
 thresholds. Outliers are flat int32 indices + exact values (the official kernels use CSR/CSC). (4) RoPE is
-undone with the model's own rotary embedding (`Step.rope`), or rebuilt from `rope_theta` when the model
-gives none (see `KVQuant`).
+undone with the model's own rotary embedding (`Model.rope`), or rebuilt from `rope_theta` when the model
+gives none (see `KVQuant`). (5) No Q-Norm: the paper's 2-bit results use Q-Norm, a correction that matches the mean and
+spread of the de-quantized distribution to the original's; here the levels are used as fitted, so the 2-bit rung that `from_ratio` picks at 8x (fp32) is weaker than the paper's nuq2.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from reference_impls.base import KVMethod, LayerStore, Step
+from reference_impls.base import Model
 from reference_impls.quantization.primitives import SparseRows, dense_range, pack, unpack
-from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
+from reference_impls.quantization.ratios import EMBEDDED, CacheSpec
+from reference_impls.quantization.store import QuantizedStore, Quantizer
 
-__all__ = ["KVQuant", "KVQuantStore", "apply_rope", "fit_levels", "kvquant_fake", "normalize", "nuq_dequantize",
+__all__ = ["KVQuant", "apply_rope", "fit_levels", "kvquant_fake", "normalize", "nuq_dequantize",
            "nuq_quantize", "rope_cos_sin"]
 
 
@@ -103,80 +105,8 @@ def kvquant_fake(x: Tensor, *, bits: int, outlier_frac: float, dim: int, keep: O
     return torch.where(out, x.float(), nuq_dequantize(codes, lo, hi, levels)).to(x.dtype), out, levels
 
 
-class KVQuantStore(LayerStore):
-    """Packed nuqX codes of pre-RoPE keys and of values, their ranges, the layer's levels, sparse outliers."""
-
-    def __init__(self, method: "KVQuant"):
-        self.m = method
-        self.kc = self.vc = None  # (B, H_kv, T, ceil(D bits / 8)) uint8 codes, packed along D
-        self.k_lo = self.k_hi = None  # (B, H_kv, 1, D) per-channel key range, fixed by the calibrating pass
-        self.v_lo = self.v_hi = None  # (B, H_kv, T, 1) per-token value range, computed online
-        self.levels_k = self.levels_v = None  # (2^bits,) fp32, this layer's nuqX datatypes
-        self.k_out, self.v_out = SparseRows(), SparseRows()  # outliers and sink tokens, exact
-        self.offset: Optional[Tensor] = None  # (B,) slot - position (left padding): rebuilds positions
-        # the model's rotary embedding, kept from the compressing step: append() (decoding) gets no Step
-        self.rope: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
-        self.k: Optional[Tensor] = None  # (B, H_kv, q, D) post-RoPE keys not quantized yet
-        self.v: Optional[Tensor] = None
-
-    def rotate(self, x: Tensor, start: int, inverse: bool) -> Tensor:
-        """Apply (or undo) RoPE on keys x (B, H_kv, n, D) held at slots start .. start + n - 1."""
-        slots = torch.arange(start, start + x.shape[2], device=x.device)
-        positions = slots - self.offset[:, None]  # (B, n): each row's real tokens count from 0
-        if self.rope is not None:  # the model's own cos/sin (its theta, scaling type and attention scaling)
-            cos, sin = (t[:, None].to(x.device) for t in self.rope(positions))  # (B, 1, n, D)
-        else:
-            cos, sin = rope_cos_sin(positions[:, None], x.shape[-1], self.m.rope_theta)
-        return apply_rope(x, cos, sin, inverse)
-
-    def append(self, k: Tensor, v: Tensor):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        if self.kc is None:
-            return self.k, self.v, None
-        D, b = k.shape[-1], self.m.bits
-        pre = self.k_out.put(nuq_dequantize(unpack(self.kc, b, D), self.k_lo, self.k_hi, self.levels_k))
-        vals = self.v_out.put(nuq_dequantize(unpack(self.vc, b, D), self.v_lo, self.v_hi, self.levels_v))
-        keys = self.rotate(pre, 0, inverse=False).to(k.dtype)  # de-quantized pre-RoPE keys, rotated again
-        return torch.cat([keys, self.k], dim=2), torch.cat([vals.to(v.dtype), self.v], dim=2), None
-
-    def after_attention(self, step: Step) -> None:
-        m = self.m
-        if self.levels_k is None and not step.compress:
-            return  # nothing calibrated yet: stay in full precision until the compressing pass
-        if self.offset is None:
-            self.offset = step.token_slots()[:, 0, -1] - step.token_positions()[:, 0, -1]
-            self.rope = step.rope
-        t0, n = 0 if self.kc is None else self.kc.shape[2], self.k.shape[2]
-        pre = self.rotate(self.k, t0, inverse=True)  # (B, H_kv, n, D) keys before RoPE
-        sink = (torch.arange(t0, t0 + n, device=pre.device) - self.offset[:, None] < m.n_sink)[:, None, :, None]
-        valid = step.valid[:, :, -n:, None]
-        keep = valid & ~sink  # calibrate on real tokens, sinks excluded
-        if self.levels_k is None:  # calibrating pass: per-channel key ranges, then both level sets
-            self.k_lo, self.k_hi = dense_range(pre, m.outlier_frac, 2, keep)
-            dense = keep & (pre >= self.k_lo) & (pre <= self.k_hi)
-            self.levels_k = fit_levels(normalize(pre, self.k_lo, self.k_hi)[dense], m.bits)
-        v_lo, v_hi = dense_range(self.v, m.outlier_frac, 3, keep)  # values: per token, online
-        if self.levels_v is None:
-            dense = keep & (self.v >= v_lo) & (self.v <= v_hi)
-            self.levels_v = fit_levels(normalize(self.v, v_lo, v_hi)[dense], m.bits)
-        kc, k_out = nuq_quantize(pre, self.k_lo, self.k_hi, self.levels_k)
-        vc, v_out = nuq_quantize(self.v, v_lo, v_hi, self.levels_v)
-        self.k_out.add(pre, (k_out | sink) & valid)  # padding is never attended: not kept
-        self.v_out.add(self.v, (v_out | sink) & valid)
-        cat = lambda old, new: new if old is None else torch.cat([old, new], dim=2)  # noqa: E731
-        self.kc, self.vc = cat(self.kc, pack(kc, m.bits)), cat(self.vc, pack(vc, m.bits))
-        self.v_lo, self.v_hi = cat(self.v_lo, v_lo), cat(self.v_hi, v_hi)
-        self.k = self.v = None
-
-    def nbytes(self) -> int:
-        held = (self.kc, self.vc, self.k_lo, self.k_hi, self.v_lo, self.v_hi, self.levels_k, self.levels_v,
-                self.offset, self.k, self.v)
-        return sum(t.nbytes for t in held if t is not None) + self.k_out.nbytes() + self.v_out.nbytes()
-
-
 @dataclass
-class KVQuant(KVMethod):
+class KVQuant(Quantizer):
     """nuq`bits` KV cache keeping a fraction `outlier_frac` of each vector exact; keys quantized before RoPE.
 
     Args:
@@ -184,11 +114,10 @@ class KVQuant(KVMethod):
         outlier_frac: fraction of each vector kept exact, in [0, 0.5) (paper: 0.01).
         n_sink: first tokens kept exact and out of calibration (paper: 1; 0 turns it off).
         rope_theta: RoPE base of the fallback used only when the model gives no rotary embedding
-            (`Step.rope` is None): default (unscaled) RoPE, Llama-2's 1e4.
+            (`Model.rope` is None): default (unscaled) RoPE, Llama-2's 1e4.
 
-    RoPE: the store receives post-RoPE keys. It takes the model's own rotary embedding from the compressing
-    step (`Step.rope`: the model's theta and scaling type, llama3, yarn ..., and attention scaling) and keeps
-    it for decoding; positions are `Step.token_positions()` (each row's real tokens counted from 0). Keys
+    RoPE: the store receives post-RoPE keys. It takes the model's own rotary embedding when the cache makes it
+    (`Model.rope`: the model's theta and scaling type, llama3, yarn ..., and attention scaling); positions are `Step.positions` (each row's real tokens counted from 0). Keys
     are rotated back before quantizing and forward again after de-quantizing. The two rotations are exact
     inverses whatever cos/sin are, so positions that differ from those the model used (left padding without
     position_ids) or a wrong fallback theta only make keys quantize worse, never move a position. Variants
@@ -199,8 +128,8 @@ class KVQuant(KVMethod):
     outlier_frac: float = 0.01
     n_sink: int = 1
     rope_theta: float = 10000.0
+    _rope: Optional[Callable] = field(default=None, init=False, repr=False, compare=False)
 
-    name = "kvquant"
 
     def __post_init__(self):
         if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
@@ -212,8 +141,54 @@ class KVQuant(KVMethod):
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1):
             raise ValueError(f"KVQuant: rope_theta must be a number > 1, got {self.rope_theta!r}")
 
-    def new_layer(self, layer_idx: int, num_layers: int) -> KVQuantStore:
-        return KVQuantStore(self)
+    def new_layer(self, layer_idx: int, model: Model) -> QuantizedStore:
+        bound = replace(self)
+        bound._rope = model.rope  # the model's own rotary embedding, to undo and redo RoPE on keys
+        return QuantizedStore(bound, model)
+
+    def rotate(self, x: Tensor, positions: Tensor, inverse: bool) -> Tensor:
+        """Apply (or undo) RoPE on keys x (B, H_kv, n, D) at positions (B, H_kv, n) (-1 = padding: any angle)."""
+        B, H, n, D = x.shape
+        pos = positions.clamp(min=0)
+        if self._rope is not None:  # the model's own cos/sin (its theta, scaling type and attention scaling)
+            cos, sin = (t.to(x.device).view(B, H, n, D) for t in self._rope(pos.reshape(B, H * n)))
+        else:
+            cos, sin = rope_cos_sin(pos, D, self.rope_theta)
+        return apply_rope(x, cos, sin, inverse)
+
+    def encode(self, k, v, step, state) -> dict:
+        n = k.shape[2]  # the step's newest n tokens
+        positions, valid = step.positions[..., -n:], step.valid[..., -n:, None]
+        pre = self.rotate(k, positions, inverse=True)  # (B, H_kv, n, D) keys before RoPE
+        sink = (positions < self.n_sink)[..., None]
+        keep = valid & ~sink  # calibrate on real tokens, sinks excluded
+        if "levels_k" not in state:  # calibrating pass: per-channel key ranges, then both level sets
+            state["k_lo"], state["k_hi"] = dense_range(pre, self.outlier_frac, 2, keep)
+            dense = keep & (pre >= state["k_lo"]) & (pre <= state["k_hi"])
+            state["levels_k"] = fit_levels(normalize(pre, state["k_lo"], state["k_hi"])[dense], self.bits)
+        v_lo, v_hi = dense_range(v, self.outlier_frac, 3, keep)  # values: per token, online
+        if "levels_v" not in state:
+            dense = keep & (v >= v_lo) & (v <= v_hi)
+            state["levels_v"] = fit_levels(normalize(v, v_lo, v_hi)[dense], self.bits)
+        kc, k_out = nuq_quantize(pre, state["k_lo"], state["k_hi"], state["levels_k"])
+        vc, v_out = nuq_quantize(v, v_lo, v_hi, state["levels_v"])
+        k_sparse, v_sparse = SparseRows(), SparseRows()  # outliers and sink tokens, exact
+        k_sparse.add(pre, (k_out | sink) & valid)  # padding is never attended: not kept
+        v_sparse.add(v, (v_out | sink) & valid)
+        start = positions[:, :1, :1]  # positions are consecutive per row unless tokens were dropped before
+        consecutive = bool((positions == start + torch.arange(n, device=k.device)).all())
+        return dict(kc=pack(kc, self.bits), vc=pack(vc, self.bits), v_lo=v_lo, v_hi=v_hi, k_out=k_sparse,
+                    v_out=v_sparse, pos=start.to(torch.int32) if consecutive else positions.to(torch.int32))
+
+    def decode(self, b, dtype, state):
+        D, n = state["k_lo"].shape[-1], b["kc"].shape[2]
+        pre = b["k_out"].put(nuq_dequantize(unpack(b["kc"], self.bits, D), state["k_lo"], state["k_hi"], state["levels_k"]))
+        vals = b["v_out"].put(nuq_dequantize(unpack(b["vc"], self.bits, D), b["v_lo"], b["v_hi"], state["levels_v"]))
+        pos = b["pos"].long()
+        if pos.shape[-1] == 1 and n > 1:
+            pos = pos + torch.arange(n, device=pos.device)
+        pos = pos.expand(pre.shape[:3])
+        return self.rotate(pre, pos, inverse=False).to(dtype), vals.to(dtype)  # de-quantized, rotated again
 
     def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
         """Full bytes / bytes held after T prompt tokens: packed codes, a range per key channel and per value
@@ -226,11 +201,11 @@ class KVQuant(KVMethod):
         return cache.full_bits() / held
 
     @classmethod
-    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "KVQuant":
+    def candidates(cls, cache: CacheSpec) -> list["KVQuant"]:
         """The bits (8 down to 1) whose nominal ratio on `cache` is nearest `ratio`.
 
         On the benchmark's fp32 cache (1.5k tokens, D = 64; the 1% per-token value outliers round up to 1 of
         64 per tail) 8 bits give 3.2x, 6 bits 4.0x, 4 bits 5.4x, 3 bits 6.5x, 2 bits 8.2x: targets 2 -> 8 bits,
         4 -> 6, 8 -> 2. On fp16: 8 bits 1.7x, 4 bits 3.0x, 3 bits 3.7x, 2 bits 4.9x, 1 bit 7.0x.
         """
-        return closest(ratio, [cls(bits=b) for b in range(8, 0, -1)], cache, "KVQuant")
+        return [cls(bits=b) for b in range(8, 0, -1)]

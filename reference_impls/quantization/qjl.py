@@ -8,8 +8,9 @@ Official code: https://github.com/amirzandieh/QJL (`models/llama3_utils_qjl.py`,
 `qjl_kernel/csrc/qjl_gqa_score_kernel.cu`)
 Deviations: (1) attention reads de-quantized keys k_hat = sqrt(pi/2) / m * ||k|| * S^T sign(S k), for which
 <q, k_hat> IS the paper's estimator (the same number, multiplied in another order). (2) S has i.i.d. Gaussian
-rows as in the paper's analysis; the official code orthogonalizes them (QR) by default and uses a larger
-sketch in the first 15 layers. (3) One rule for keys and values: tokens are quantized in whole blocks of
+rows as in the paper's analysis; the official code orthogonalizes them (QR) by default. The official run
+sketches the outlier channels with as many bits as the inliers (m_out = m = 256 for d = 128, our default
+m_out = m) and uses 512 / 128 bits in its first 15 layers; here every layer has the same sketch. (3) One rule for keys and values: tokens are quantized in whole blocks of
 `buffer_size`, the newest T mod buffer_size stay in full precision (the official code does this for keys
 and keeps exactly the newest buffer_size values). (4) S (m x D, shared by all layers, regenerated from
 `seed`) is not counted in nbytes, like a weight.
@@ -19,16 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from reference_impls.base import KVMethod, LayerStore, Step
 from reference_impls.quantization.primitives import QuantizedTensor, pack, unpack
-from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
+from reference_impls.quantization.ratios import EMBEDDED, CacheSpec
+from reference_impls.quantization.store import Quantizer
 
-__all__ = ["QJL", "QJLStore", "outlier_channels", "qjl_dequantize", "qjl_projection", "qjl_quantize", "qjl_scores"]
+__all__ = ["QJL", "outlier_channels", "qjl_dequantize", "qjl_projection", "qjl_quantize", "qjl_scores"]
 
 
 def qjl_projection(dim: int, sketch_dim: int, seed: int) -> Tensor:
@@ -59,56 +59,8 @@ def outlier_channels(k: Tensor, n_outliers: int, group_size: int) -> Tensor:
     return k.float().reshape(B, H, T // group_size, group_size, D).norm(dim=3).topk(n_outliers, dim=-1).indices
 
 
-class QJLStore(LayerStore):
-    """Sign sketches of inlier and outlier key channels + norms, per-token quantized values, full-precision tail."""
-
-    def __init__(self, method: "QJL"):
-        self.m = method
-        self.blocks: list[dict] = []  # one per quantized block of buffer_size tokens
-        self.k: Optional[Tensor] = None  # (B, H_kv, n, D) newest tokens, full precision, n < buffer_size
-        self.v: Optional[Tensor] = None
-
-    def _keys(self, b: dict, S: Tensor, S_out: Tensor, dtype) -> Tensor:
-        D = S.shape[1]
-        out = torch.zeros(*b["idx"].shape[:3], D, device=S.device).scatter_(-1, b["idx"].long(), 1.0)
-        out = out.repeat_interleave(self.m.group_size, dim=2)  # (B, H, T, D) 1 on the group's outlier channels
-        inl = qjl_dequantize(unpack(b["sign_in"], 1, S.shape[0]).bool(), b["norm_in"].float(), S)
-        outl = qjl_dequantize(unpack(b["sign_out"], 1, S_out.shape[0]).bool(), b["norm_out"].float(), S_out)
-        return (inl * (1 - out) + outl * out).to(dtype)  # each estimator sees only its own channels, as in the kernel
-
-    def append(self, k: Tensor, v: Tensor):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        if not self.blocks:
-            return self.k, self.v, None
-        S, S_out = self.m.projections(k.shape[-1], k.device)
-        keys = [self._keys(b, S, S_out, k.dtype) for b in self.blocks] + [self.k]
-        values = [b["v"].dequantize(v.dtype) for b in self.blocks] + [self.v]
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2), None
-
-    def after_attention(self, step: Step) -> None:
-        m, n = self.m, self.k.shape[2] - self.k.shape[2] % self.m.buffer_size
-        if n == 0:
-            return
-        k, v = self.k[:, :, :n], self.v[:, :, :n]
-        S, S_out = m.projections(k.shape[-1], k.device)
-        idx = outlier_channels(k, m.n_outliers, m.group_size)
-        out = torch.zeros_like(k, dtype=torch.bool).reshape(*idx.shape[:3], m.group_size, -1)
-        out = out.scatter_(-1, idx[:, :, :, None].expand(-1, -1, -1, m.group_size, -1), True).flatten(2, 3)
-        s_in, n_in = qjl_quantize(k.masked_fill(out, 0), S)  # inlier channels only
-        s_out, n_out = qjl_quantize(k.masked_fill(~out, 0), S_out)  # outlier channels, their own sketch
-        self.blocks.append(dict(sign_in=pack(s_in.to(torch.uint8), 1), sign_out=pack(s_out.to(torch.uint8), 1),
-                                norm_in=n_in.to(k.dtype), norm_out=n_out.to(k.dtype), idx=idx.to(torch.uint8),
-                                v=QuantizedTensor.from_float(v, bits=m.value_bits, dim=3, group_size=m.group_size)))
-        self.k, self.v = self.k[:, :, n:], self.v[:, :, n:]
-
-    def nbytes(self) -> int:
-        held = [t for b in self.blocks for t in b.values()] + [t for t in (self.k, self.v) if t is not None]
-        return sum(t.nbytes for t in held)
-
-
 @dataclass
-class QJL(KVMethod):
+class QJL(Quantizer):
     """QJL keys (1-bit sketches of size m + m_out per token, two norms) and `value_bits` per-token values.
 
     Args:
@@ -122,14 +74,13 @@ class QJL(KVMethod):
     """
 
     sketch_dim: int = 128
-    outlier_sketch_dim: int = 64
+    outlier_sketch_dim: int = 128
     n_outliers: int = 4
     group_size: int = 32
     value_bits: int = 2
     buffer_size: int = 128
     seed: int = 42
 
-    name = "qjl"
 
     def __post_init__(self):
         for f in ("sketch_dim", "outlier_sketch_dim"):
@@ -156,8 +107,29 @@ class QJL(KVMethod):
         S = qjl_projection(dim, self.sketch_dim, self.seed).to(device)
         return S, S[: self.outlier_sketch_dim]
 
-    def new_layer(self, layer_idx: int, num_layers: int) -> QJLStore:
-        return QJLStore(self)
+    def flush(self, held_k, held_v, buffered, step):
+        n = buffered - buffered % self.buffer_size  # whole buffers; the newest T mod buffer_size stay full
+        return n, n
+
+    def encode(self, k, v, step, state) -> dict:
+        S, S_out = self.projections(k.shape[-1], k.device)
+        idx = outlier_channels(k, self.n_outliers, self.group_size)
+        out = torch.zeros_like(k, dtype=torch.bool).reshape(*idx.shape[:3], self.group_size, -1)
+        out = out.scatter_(-1, idx[:, :, :, None].expand(-1, -1, -1, self.group_size, -1), True).flatten(2, 3)
+        s_in, n_in = qjl_quantize(k.masked_fill(out, 0), S)  # inlier channels only
+        s_out, n_out = qjl_quantize(k.masked_fill(~out, 0), S_out)  # outlier channels, their own sketch
+        return dict(sign_in=pack(s_in.to(torch.uint8), 1), sign_out=pack(s_out.to(torch.uint8), 1),
+                    norm_in=n_in.to(k.dtype), norm_out=n_out.to(k.dtype), idx=idx.to(torch.uint8),
+                    v=QuantizedTensor.from_float(v, bits=self.value_bits, dim=3, group_size=self.group_size))
+
+    def decode(self, b, dtype, state):
+        S, S_out = self.projections(b["v"].shape[-1], b["idx"].device)
+        out = torch.zeros(*b["idx"].shape[:3], S.shape[1], device=S.device).scatter_(-1, b["idx"].long(), 1.0)
+        out = out.repeat_interleave(self.group_size, dim=2)  # (B, H, T, D) 1 on the group's outlier channels
+        inl = qjl_dequantize(unpack(b["sign_in"], 1, S.shape[0]).bool(), b["norm_in"].float(), S)
+        outl = qjl_dequantize(unpack(b["sign_out"], 1, S_out.shape[0]).bool(), b["norm_out"].float(), S_out)
+        keys = inl * (1 - out) + outl * out  # each estimator sees only its own channels, as in the kernel
+        return keys.to(dtype), b["v"].dequantize(dtype)
 
     def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
         """Full bytes / bytes held after T prompt tokens: per quantized key m + m_out sign bits and two norms (in
@@ -170,14 +142,12 @@ class QJL(KVMethod):
         return cache.full_bits() / (keys + values + 2 * (T - n) * D * cb)
 
     @classmethod
-    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "QJL":
-        """The rung of a ladder whose nominal ratio on `cache` is nearest `ratio`: b-bit values (8, 4, 2, 1) with
-        a key sketch of the same width, m = b D sign bits (m_out = m / 2) per key (the official setting is
-        the b = 2 rung: m = 256 for D = 128). On the benchmark's fp32 cache (D = 64, 1.5k tokens, 92 of them in
+    def candidates(cls, cache: CacheSpec) -> list["QJL"]:
+        """A ladder of b-bit values (8, 4, 2, 1) with a key sketch of the same width, m = m_out = b D sign bits
+        per key (the official run is the b = 2 rung: m = m_out = 256 for D = 128). On the benchmark's fp32 cache (D = 64, 1.5k tokens, 92 of them in
         the full-precision buffer) b = 8 gives 2.5x, 4 -> 4.0x, 2 -> 5.6x, 1 -> 7.0x: targets 2 -> 8, 4 -> 4,
         8 -> 1. On fp16: 1.4x, 2.5x, 4.0x, 5.6x.
         """
         D = cache.head_dim
-        candidates = [cls(sketch_dim=b * D, outlier_sketch_dim=b * D // 2, value_bits=b) for b in (8, 4, 2, 1)
-                      if b * D % 16 == 0]  # both sketches a whole number of bytes
-        return closest(ratio, candidates, cache, "QJL")
+        return [cls(sketch_dim=b * D, outlier_sketch_dim=b * D, value_bits=b) for b in (8, 4, 2, 1)
+                if b * D % 8 == 0]  # a whole number of bytes

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from reference_impls.base import KVMethod, LayerStore, Step
 from reference_impls.quantization.primitives import QuantizedTensor, pack, unpack
 from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
+from reference_impls.quantization.store import Quantizer
 
-__all__ = ["ZipCache", "ZipCacheStore", "normalized_attention", "zipcache_quantize", "zipcache_dequantize"]
+__all__ = ["ZipCache", "normalized_attention", "zipcache_quantize", "zipcache_dequantize"]
 
 
 def normalized_attention(probs: Tensor, seen_by: Tensor, groups: int) -> Tensor:
@@ -73,47 +72,8 @@ def zipcache_dequantize(block: dict, T: int, dtype: torch.dtype) -> tuple[Tensor
     return k.to(dtype), v.to(dtype)
 
 
-class ZipCacheStore(LayerStore):
-    """Mixed-precision blocks (codes, scales, a 1-bit salient mask, channel scales) + a full-precision buffer."""
-
-    def __init__(self, method: "ZipCache"):
-        self.m = method
-        self.blocks: list[tuple[int, dict]] = []  # (tokens, block)
-        self.k: Optional[Tensor] = None  # (B, H_kv, n, D) newest tokens, full precision
-        self.v: Optional[Tensor] = None
-
-    def append(self, k: Tensor, v: Tensor):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        parts = [zipcache_dequantize(b, T, k.dtype) for T, b in self.blocks]
-        keys = torch.cat([p[0] for p in parts] + [self.k], 2)
-        return keys, torch.cat([p[1] for p in parts] + [self.v], 2), None
-
-    def after_attention(self, step: Step) -> None:
-        m, n = self.m, self.k.shape[2]
-        if not (step.compress or (self.blocks and n >= m.streaming_gap)):
-            return  # the prompt is compressed at once, then every streaming_gap new tokens
-        T, q = step.keys.shape[2], step.q_len
-        if step.mask is not None:
-            seen_by = step.mask.sum(2)  # (B, H_kv, T)
-        else:  # dense causal: query j sees keys up to T - q + j
-            seen_by = torch.clamp(T - torch.arange(T, device=step.keys.device), max=q).expand(step.valid.shape)
-        groups = step.queries.shape[1] // step.keys.shape[1]
-        score = normalized_attention(step.probs(), seen_by, groups)[..., -n:]
-        score = score.masked_fill(~step.valid[..., -n:], float("-inf"))  # padding is never salient
-        top = score.topk(round(m.salient_ratio * n), dim=-1).indices
-        salient = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
-        self.blocks.append((n, zipcache_quantize(self.k, self.v, salient, high_bits=m.high_bits,
-                                                 low_bits=m.low_bits)))
-        self.k = self.v = None
-
-    def nbytes(self) -> int:
-        held = [t for _, b in self.blocks for t in b.values()] + [t for t in (self.k, self.v) if t is not None]
-        return sum(t.nbytes for t in held)
-
-
 @dataclass
-class ZipCache(KVMethod):
+class ZipCache(Quantizer):
     """A fraction `salient_ratio` of tokens (by normalized attention) at `high_bits`, the rest at `low_bits`.
 
     Args:
@@ -127,7 +87,6 @@ class ZipCache(KVMethod):
     low_bits: int = 2
     streaming_gap: int = 100
 
-    name = "zipcache"
 
     def __post_init__(self):
         if not (isinstance(self.salient_ratio, (int, float)) and 0 <= self.salient_ratio <= 1):
@@ -140,8 +99,22 @@ class ZipCache(KVMethod):
         if not (isinstance(self.streaming_gap, int) and self.streaming_gap >= 1):
             raise ValueError(f"ZipCache: streaming_gap must be an int >= 1, got {self.streaming_gap!r}")
 
-    def new_layer(self, layer_idx: int, num_layers: int) -> ZipCacheStore:
-        return ZipCacheStore(self)
+    def flush(self, held_k, held_v, buffered, step):
+        # the prompt is compressed at once, then every streaming_gap new tokens
+        n = buffered if step.compress or (held_k and buffered >= self.streaming_gap) else 0
+        return n, n
+
+    def encode(self, k, v, step, state) -> dict:
+        n = k.shape[2]  # the step's newest n keys
+        groups = step.queries.shape[1] // step.keys.shape[1]
+        score = normalized_attention(step.probs(), step.mask.sum(2), groups)[..., -n:]
+        score = score.masked_fill(~step.valid[..., -n:], float("-inf"))  # padding is never salient
+        top = score.topk(round(self.salient_ratio * n), dim=-1).indices
+        salient = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
+        return {"n": n, **zipcache_quantize(k, v, salient, high_bits=self.high_bits, low_bits=self.low_bits)}
+
+    def decode(self, block, dtype, state):
+        return zipcache_dequantize(block, block["n"], dtype)
 
     def nominal_ratio(self, cache: CacheSpec = EMBEDDED) -> float:
         """Full bytes / bytes held after T prompt tokens (one block): packed codes of each set, key ranges per
@@ -154,7 +127,7 @@ class ZipCache(KVMethod):
         return cache.full_bits() / held
 
     @classmethod
-    def from_ratio(cls, ratio: float, cache: CacheSpec = EMBEDDED) -> "ZipCache":
+    def from_ratio(cls, ratio: float, /, cache: CacheSpec = EMBEDDED, **knobs) -> "ZipCache":
         """The bit pair (8/4, 4/2 or 2/1, the official 2:1 widths) and salient ratio whose nominal ratio on
         `cache` is nearest `ratio`; within a pair the salient ratio moves the bytes linearly, so it is solved for.
 
@@ -169,5 +142,5 @@ class ZipCache(KVMethod):
                     for s in (0.25, 0.75))
             target = cache.full_bits() / ratio if isinstance(ratio, (int, float)) and ratio > 0 else a
             s = min(max(0.25 + 0.5 * (target - a) / (b - a), 0.0), 1.0)
-            candidates.append(cls(salient_ratio=s, high_bits=high, low_bits=low))
+            candidates.append(cls(**{"salient_ratio": s, "high_bits": high, "low_bits": low, **knobs}))
         return closest(ratio, candidates, cache, "ZipCache")

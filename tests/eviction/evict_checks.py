@@ -15,17 +15,18 @@ def ids(n, seed=0):
 
 
 def spy(cache):
-    """Record, per layer, every step's (queries, keys, slots, mask, kept slots after the step)."""
+    """Record, per layer, every step's (queries, keys, slots, mask, kept slots after the step). Without left
+    padding a key's position is its stream slot, which is what `kept_slots()` reports."""
     log = {i: [] for i in range(len(cache.layers))}
     for i, layer in enumerate(cache.layers):
         orig = layer.store.after_attention
 
         def wrapped(step, i=i, orig=orig, store=layer.store):
-            entry = dict(q=step.queries.clone(), k=step.keys.clone(), slots=step.token_slots().clone(),
-                         mask=None if step.mask is None else step.mask.clone(), scaling=step.scaling)
+            entry = dict(q=step.queries.clone(), k=step.keys.clone(), slots=step.positions.clone(),
+                         mask=step.mask.clone(), scaling=step.scaling)
             orig(step)
             kept = store.kept_slots()
-            entry["kept"] = step.token_slots().clone() if kept is None else kept.clone()
+            entry["kept"] = step.positions.clone() if kept is None else kept.clone()
             log[i].append(entry)
         layer.store.after_attention = wrapped
     return log

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from reference_impls.base import Model
+
 from reference_impls import KVCache
 from reference_impls.eviction.fastgen import (POLICIES, FastGen, fastgen_policy, fastgen_profile, fastgen_threshold,
                                               token_classes)
@@ -222,18 +224,18 @@ class _Tokenizer:
         return [self.vocab[s[0]] for s in seqs]
 
 
-def test_token_classes_and_with_tokenizer():
+def test_token_classes_come_from_the_caches_tokenizer():
     special, punct = token_classes(_Tokenizer())
     assert special == {0, 1, 7}
     assert punct == {2, 3, 8, 9, 11}  # not "\n", " " (whitespace only), "a." (a letter), "" (empty)
-    m = FastGen(ratio=3, r_local=0.2).with_tokenizer(_Tokenizer())
+    m = FastGen(ratio=3, r_local=0.2).new_layer(0, Model(tokenizer=_Tokenizer())).method
     assert (m.special_ids, m.punct_ids, m.ratio, m.r_local) == (special, punct, 3, 0.2)
 
 
 @pytest.mark.slow
 def test_smollm_tokenizer_classes(smollm):
     _, tok = smollm
-    m = FastGen.from_ratio(2).with_tokenizer(tok)
+    m = FastGen.from_ratio(2).new_layer(0, Model(tokenizer=tok)).method
     assert {tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")} <= m.special_ids
     assert {tok(t, add_special_tokens=False).input_ids[0] for t in (".", ",", "?", ":")} <= m.punct_ids
     assert tok("\n", add_special_tokens=False).input_ids[0] not in m.punct_ids
@@ -242,7 +244,7 @@ def test_smollm_tokenizer_classes(smollm):
 @pytest.mark.slow
 def test_achieved_ratio_on_the_embedded_model_is_on_target(smollm):
     model, tok = smollm
-    achieved_ratio_is_on_target(model, tok, lambda ratio: FastGen(ratio=ratio).with_tokenizer(tok), ratios=(1.25, 2, 8))
+    achieved_ratio_is_on_target(model, tok, lambda ratio: FastGen(ratio=ratio), ratios=(1.25, 2, 8))
 
 
 def test_bad_parameters_and_missing_token_ids_are_rejected(tiny):
@@ -255,14 +257,14 @@ def test_bad_parameters_and_missing_token_ids_are_rejected(tiny):
     with pytest.raises(ValueError, match="ratio"):
         FastGen.from_ratio(0.5)
     emb = tiny.get_input_embeddings()(ids(30))
-    with pytest.raises(ValueError, match="token_ids"), torch.no_grad():
+    with pytest.raises(ValueError, match="token ids"), torch.no_grad():
         tiny(inputs_embeds=emb, cache=KVCache(tiny, FastGen(budget=8, special_ids={5})))
     with torch.no_grad():  # without token classes no ids are needed
         tiny(inputs_embeds=emb, cache=KVCache(tiny, FastGen(budget=8)))
 
 
-def test_a_recorded_prefill_shares_the_profile_between_ratios_and_matches_live_runs():
-    from reference_impls.integration import cache_from_record, record_prefill
+def test_a_recorded_prefill_shares_the_attention_between_ratios_and_matches_live_runs():
+    from reference_impls.replay import cache_from_record, record_prefill
 
     model = tiny_llama()
     x = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(7))
@@ -273,4 +275,4 @@ def test_a_recorded_prefill_shares_the_profile_between_ratios_and_matches_live_r
         replay = cache_from_record(model, FastGen(budget=budget), rec)
         for a, b in zip(live.layers, replay.layers):
             assert torch.equal(a.store.kept_slots(), b.store.kept_slots())
-    assert sum(k[0] == "fastgen" for k in rec.memo) == model.config.num_hidden_layers  # profiled once per layer
+    assert len(rec.probs) == model.config.num_hidden_layers  # the prompt's attention computed once per layer

@@ -72,8 +72,7 @@ def test_gqa_averages_the_group_and_each_query_head_has_its_own_noise():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 4, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
     q[:, 1] = q[:, 0]  # two query heads of group 0 ask the same thing
-    step = Step(queries=q, keys=k, values=k, slots=None, mask=None, valid=torch.ones(1, 2, 5, dtype=torch.bool),
-                scaling=0.25, compress=True, layer_idx=3, num_layers=4, seen=5)
+    step = Step.dense(q, k, k, scaling=0.25, layer_idx=3)
     acc = Keyformer(seed=7).observe(step, None)
     zeta = draw(7, 3, 5, (4, 5, 5))
     ref = torch.zeros(2, 5, dtype=torch.float64)

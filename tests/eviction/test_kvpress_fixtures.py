@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from reference_impls import Full, KVCache
 from reference_impls.base import attention_probs
-from reference_impls.eviction.adakv import AdaKV
+from reference_impls.eviction.policies import Adaptive
 from reference_impls.eviction.h2o import H2O, h2o_accumulate
 from reference_impls.eviction.keydiff import KeyDiff, keydiff_scores
 from reference_impls.eviction.knorm import KNorm, knorm_scores
@@ -32,7 +32,7 @@ from reference_impls.eviction.random import RandomEviction
 from reference_impls.eviction.snapkv import SnapKV, snapkv_scores
 from reference_impls.eviction.streamingllm import StreamingLLM
 from reference_impls.eviction.tova import TOVA, tova_scores
-from reference_impls.integration import record_prefill
+from reference_impls.replay import record_prefill
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kvpress_0.5.5.pt"
 DATA = torch.load(FIXTURE, weights_only=True)
@@ -138,7 +138,7 @@ def test_adakv_over_snapkv_keeps_what_adakvpress_keeps(model, r):
     """Same safeguard (each head's top floor(0.2 n_kept) first) and the same layer-wide cut: per-head sets equal,
     so the uneven per-head counts are equal too. kvpress masks evicted keys instead of dropping them."""
     run = kvpress_run("AdaKVPress(SnapKVPress)", r)
-    method = AdaKV(ratio=1 / (1 - r), scorer=SnapKV(window=WINDOW, kernel_size=5), alpha=0.2)
+    method = SnapKV(ratio=1 / (1 - r), window=WINDOW, kernel_size=5, heads=Adaptive(alpha=0.2, rule="kvpress"))
     for layer, (o, k) in enumerate(zip(ours_kept(model, method), run["kept"])):
         assert torch.equal(o, k), layer
     counts = [(k >= 0).sum(-1) for k in run["kept"]]
@@ -152,7 +152,7 @@ def test_adakv_safeguard_matches_adakvpress_where_it_binds(model, r):
     run = kvpress_run("AdaKVPress(KnormPress)", r)
     assert "alpha_safeguard=0.9" in run["press"]
     n_safe = int(0.9 * round(T * (1 - r)))
-    ours = ours_kept(model, AdaKV(ratio=1 / (1 - r), scorer=KNorm(), alpha=0.9))
+    ours = ours_kept(model, KNorm(ratio=1 / (1 - r), heads=Adaptive(alpha=0.9, rule="kvpress")))
     for layer, (o, k) in enumerate(zip(ours, run["kept"])):
         assert torch.equal(o, k), layer
     assert any(bool(((k >= 0).sum(-1) == n_safe).any()) for k in run["kept"]), "the safeguard should bind"
@@ -220,7 +220,7 @@ def test_pyramidkv_spreads_the_same_total_differently_over_the_same_snapkv_ranki
     larger one."""
     run = kvpress_run("PyramidKVPress", r)
     theirs = run["kept"]
-    ours = ours_kept(model, PyramidKV(ratio=1 / (1 - r), scorer=SnapKV(window=WINDOW, kernel_size=5)))
+    ours = ours_kept(model, PyramidKV(ratio=1 / (1 - r), window=WINDOW, kernel_size=5))
     assert sum(o.shape[-1] for o in ours) == sum(k.shape[-1] for k in theirs) == 2 * round(T * (1 - r))
     assert ours[-1].shape[-1] >= WINDOW  # the reservation: our top layer keeps at least the window
     for layer, (o, k) in enumerate(zip(ours, theirs)):

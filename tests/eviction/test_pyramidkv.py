@@ -5,7 +5,7 @@ import torch
 
 from reference_impls import KVCache
 from reference_impls.eviction import PyramidKV, SnapKV, StreamingLLM
-from reference_impls.eviction.pyramidkv import pyramid_budgets
+from reference_impls.eviction.policies import Pyramid, pyramid_budgets
 from reference_impls.models import tiny_llama
 
 from evict_checks import (budget_at_least_length_is_full, decode_matches_reference, ids,
@@ -13,7 +13,10 @@ from evict_checks import (budget_at_least_length_is_full, decode_matches_referen
 
 
 def official_schedule(n, b, L, w, beta):
-    """The KVCache-Factory formula in exact arithmetic: b_l = w + max - l (max - min) / (L - 1)."""
+    """The KVCache-Factory formula in exact arithmetic: b_l = w + max - l (max - min) / (L - 1); uniform when
+    n < 2 (b - w) (its `q_len < (max_capacity_prompt - window_size) * 2` branch)."""
+    if n < 2 * (b - w):
+        return [b] * L
     lo = (b - w) / beta
     hi = 2 * (b - w) - lo
     if hi > n - w:
@@ -33,14 +36,15 @@ def test_schedule_is_the_official_pyramid_rounded_to_the_uniform_total(n, b, L, 
 
 
 def test_falls_back_to_uniform_when_the_pyramid_does_not_fit():
-    got = pyramid_budgets(torch.tensor([100, 100]), torch.tensor([40, 10]), 5, window=16, beta=20)
+    got = pyramid_budgets(torch.tensor([100, 100, 1500]), torch.tensor([40, 10, 815]), 5, window=16, beta=20)
     assert got[1].tolist() == [10] * 5 and int(got[0].sum()) == 200
+    assert got[2].tolist() == [815] * 5  # 1500 < 2 (815 - 16): below ~1.84x the official code is uniform
 
 
 @torch.no_grad()
 def test_total_kept_across_layers_equals_the_uniform_total_and_layers_differ():
     model, T = tiny_llama(num_layers=6), 80
-    cache = KVCache(model, PyramidKV(ratio=4, scorer=SnapKV(window=4), beta=4))
+    cache = KVCache(model, PyramidKV(ratio=4, window=4, layers=Pyramid(beta=4)))
     model(ids(T), cache=cache)
     kept = [layer.store.kept_slots() for layer in cache.layers]
     counts = [int((k[0, 0] >= 0).sum()) for k in kept]
@@ -53,7 +57,7 @@ def test_total_kept_across_layers_equals_the_uniform_total_and_layers_differ():
 def test_decoding_with_per_layer_budgets_equals_attention_over_each_layers_kept_tokens():
     """kvpress 0.5.5's PyramidKVPress failed in decoding on this model; here every layer keeps a different
     number of tokens and each decoded token must equal the per-layer masked reference."""
-    cache = decode_matches_reference(tiny_llama(num_layers=4), PyramidKV(budget=14, scorer=SnapKV(window=4), beta=3),
+    cache = decode_matches_reference(tiny_llama(num_layers=4), PyramidKV(budget=14, window=4, layers=Pyramid(beta=3)),
                                      T=40, steps=6)
     widths = [layer.store.kept_slots().shape[-1] for layer in cache.layers]
     assert len(set(widths)) == 4 and sum(w - 6 for w in widths) == 4 * 14
@@ -63,20 +67,20 @@ def test_budget_at_least_length_is_identical_to_full(tiny):
     budget_at_least_length_is_full(tiny, PyramidKV(budget=43), same_bytes=True)
 
 
-def test_wraps_any_scorer_and_inherits_its_ratio_and_decoding_behaviour(tiny):
-    p = PyramidKV(scorer=StreamingLLM(ratio=4, n_sink=2))
-    assert p.ratio == 4 and p.evict_while_decoding
+def test_any_scorer_takes_the_pyramid_and_keeps_its_decoding_behaviour(tiny):
+    p = StreamingLLM(ratio=4, n_sink=2, layers="pyramid")
+    assert isinstance(p.layers, Pyramid) and p.evict_while_decoding
     memory_stays_at_budget(tiny, p)  # StreamingLLM inside keeps memory at the per-layer budgets
 
 
 def test_left_padded_batch_gives_the_same_answers_as_batch_one(tiny):
-    left_padded_batch_equals_batch_one(tiny, PyramidKV(ratio=2, scorer=SnapKV(window=4), beta=2), steps=2)
+    left_padded_batch_equals_batch_one(tiny, PyramidKV(ratio=2, window=4, layers=Pyramid(beta=2)), steps=2)
 
 
 def test_bad_parameters_are_rejected():
     with pytest.raises(ValueError, match="beta"):
-        PyramidKV(beta=0.5)
-    with pytest.raises(ValueError, match="scorer"):
-        PyramidKV(scorer="snapkv")
+        Pyramid(beta=0.5)
+    with pytest.raises(ValueError, match="layers must be one of uniform, pyramid"):
+        PyramidKV(layers="adaptive")
     with pytest.raises(ValueError, match="ratio"):
         PyramidKV.from_ratio(0.5)

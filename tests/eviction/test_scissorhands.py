@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reference_impls import KVCache
-from reference_impls.integration import cache_from_record, record_prefill
+from reference_impls.replay import cache_from_record, record_prefill
 from reference_impls.eviction.base import EvictionMethod
 from reference_impls.eviction.scissorhands import (Scissorhands, scissorhands_scores, unimportant_votes,
                                                    window_counts, window_update)
@@ -161,11 +161,11 @@ class _Tagged(EvictionMethod):
     """Carries a (B, H_kv, T, 3) statistic naming its key: kept from the last step, new keys tagged; random scores."""
 
     def observe(self, step, history):
-        tags = (step.token_slots()[..., None] * 10 + torch.arange(3)).float()
+        tags = (step.positions[..., None] * 10 + torch.arange(3)).float()
         return tags if history is None else torch.cat([history, tags[:, :, history.shape[2]:]], 2)
 
     def score(self, step, history, budget):
-        return torch.randn(step.keys.shape[:3], generator=torch.Generator().manual_seed(step.seen))
+        return torch.randn(step.keys.shape[:3], generator=torch.Generator().manual_seed(int(step.n_real()[0])))
 
 
 @torch.no_grad()
@@ -193,4 +193,4 @@ def test_bad_parameters_are_rejected():
         Scissorhands(budget=0)
     with pytest.raises(ValueError, match="ratio"):
         Scissorhands.from_ratio(0.5)
-    assert Scissorhands.from_ratio(4).ratio == 4 and Scissorhands.name == "scissorhands"
+    assert Scissorhands.from_ratio(4).ratio == 4

@@ -2,7 +2,9 @@
 
 import torch
 
-from reference_impls.base import Step
+from reference_impls.base import Model, Step
+
+MODEL = Model()  # what a store may ask of the model: nothing here (one layer, no RoPE, no tokenizer)
 
 
 def ids(n, seed=0):
@@ -18,8 +20,11 @@ def drive(store, k, v, chunks):
         kk, vv, slots = store.append(k[:, :, t:t + q], v[:, :, t:t + q])
         outs.append((kk, vv))
         B, H, T, D = kk.shape
-        store.after_attention(Step(queries=torch.zeros(B, H, q, D), keys=kk, values=vv, slots=slots, mask=None,
-                                   valid=torch.ones(B, H, T, dtype=torch.bool), scaling=1.0, compress=i == 0,
-                                   layer_idx=0, num_layers=1, seen=t + q))
+        store.after_attention(Step.dense(torch.zeros(B, H, q, D), kk, vv, scaling=1.0, compress=i == 0))
         t += q
     return outs
+
+
+def after(store, keys, values, q, compress=True):
+    """Tell a store driven by hand about the attention over `keys` by its last q tokens."""
+    store.after_attention(Step.dense(keys[:, :, -q:], keys, values, compress=compress))

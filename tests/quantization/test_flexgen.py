@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from reference_impls import Full, KVCache
-from reference_impls.integration import cache_from_record, record_prefill
+from reference_impls.replay import cache_from_record, record_prefill
 from reference_impls.quantization.flexgen import FlexGen
+
+from quant_checks import MODEL, after
 
 
 def per_token_ref(x, bits, G):
@@ -27,7 +29,7 @@ def test_store_equals_the_reference_at_every_step(bits, G, D):
     gen = torch.Generator().manual_seed(bits)
     k_all = torch.randn(2, 3, 30, D, generator=gen).half()
     v_all = torch.randn(2, 3, 30, D, generator=gen).half()
-    store = FlexGen(bits=bits, group_size=G).new_layer(0, 1)
+    store = FlexGen(bits=bits, group_size=G).new_layer(0, MODEL)
     t = 0
     for q in (17, 1, 1, 4, 1, 6):
         keys, values, slots = store.append(k_all[:, :, t:t + q], v_all[:, :, t:t + q])
@@ -36,7 +38,7 @@ def test_store_equals_the_reference_at_every_step(bits, G, D):
         if t:
             assert torch.allclose(keys[:, :, :t].float(), per_token_ref(k_all[:, :, :t], bits, G), atol=1e-3)
             assert torch.allclose(values[:, :, :t].float(), per_token_ref(v_all[:, :, :t], bits, G), atol=1e-3)
-        store.after_attention(None)  # FlexGen reads nothing from the step
+        after(store, keys, values, q, compress=t == 0)
         t += q
     n_groups = -(-D // G)
     codes = 2 * 3 * t * (-(-D * bits // 8))

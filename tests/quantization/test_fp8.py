@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from reference_impls import Full, KVCache
-from reference_impls.integration import cache_from_record, record_prefill
+from reference_impls.replay import cache_from_record, record_prefill
 from reference_impls.quantization.fp8 import FP8
+
+from quant_checks import MODEL, after
 
 
 @pytest.mark.parametrize("fmt,top,rel", [("e4m3", 448.0, 2 ** -4), ("e5m2", 57344.0, 2 ** -3)])
@@ -14,32 +16,29 @@ def test_storage_scales_and_round_trip(fmt, top, rel, granularity):
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(2, 3, 40, 16, generator=gen) * torch.tensor([1.0, 10.0, 0.1])[None, :, None, None]
     v = torch.randn(2, 3, 40, 16, generator=gen)
-    store = FP8(fmt=fmt, granularity=granularity).new_layer(0, 1)
-    store.append(k, v)
-    store.after_attention(None)
+    store = FP8(fmt=fmt, granularity=granularity).new_layer(0, MODEL)
+    after(store, *store.append(k, v)[:2], k.shape[2])
     dims = (0, 2, 3) if granularity == "head" else (0, 1, 2, 3)
     scale = k.abs().amax(dim=dims, keepdim=True) / top  # the reference: amax over the calibration tokens / max
-    assert store.k.dtype == {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[fmt]
-    assert torch.allclose(store.k_scale, scale) and store.k_scale.shape == ((1, 3, 1, 1) if dims[1] == 2 else (1,) * 4)
+    assert store.blocks[0]["k"].dtype == {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[fmt]
+    assert torch.allclose(store.state["k_scale"], scale) and store.state["k_scale"].shape == ((1, 3, 1, 1) if dims[1] == 2 else (1,) * 4)
     assert store.nbytes() == 2 * k.numel() + 2 * scale.numel() * 4  # 1 byte per element + fp32 scales
     nxt = torch.randn(2, 3, 1, 16, generator=gen)
     keys, _, _ = store.append(nxt, nxt)
     # relative error of a normal FP8 number: half a unit in the last place of its mantissa
-    normal = k.abs() > scale * torch.finfo(store.k.dtype).smallest_normal
+    normal = k.abs() > scale * torch.finfo(store.blocks[0]["k"].dtype).smallest_normal
     err = (keys[:, :, :40] - k).abs()
     assert bool((err[normal] <= rel * k.abs()[normal] + 1e-7).all())
     assert torch.equal(keys[:, :, 40:], nxt)
 
 
 def test_scale_is_frozen_and_outliers_saturate():
-    store = FP8().new_layer(0, 1)
-    store.append(torch.ones(1, 1, 4, 8), torch.ones(1, 1, 4, 8))
-    store.after_attention(None)
+    store = FP8().new_layer(0, MODEL)
+    after(store, *store.append(torch.ones(1, 1, 4, 8), torch.ones(1, 1, 4, 8))[:2], 4)
     big = torch.full((1, 1, 1, 8), 5.0)
-    store.append(big, -big)
-    store.after_attention(None)
+    after(store, *store.append(big, -big)[:2], 1, compress=False)
     keys, values, _ = store.append(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8))
-    assert torch.allclose(store.k_scale, torch.tensor(1 / 448))
+    assert torch.allclose(store.state["k_scale"], torch.tensor(1 / 448))
     assert torch.equal(keys[0, 0, 4], torch.ones(8)) and torch.equal(values[0, 0, 4], -torch.ones(8))  # clipped at amax
 
 

@@ -8,7 +8,7 @@ import torch
 from reference_impls import Full, KVCache
 from reference_impls.quantization.gear import GEAR, gear_decompose, gear_reconstruct
 
-from quant_checks import drive, ids
+from quant_checks import MODEL, drive, ids
 
 
 def kv(B=2, H=2, T=40, D=16, seed=0):
@@ -48,7 +48,7 @@ def test_sparse_part_holds_each_vectors_tails_exactly(dim, frac):
 def test_store_components_add_up_to_what_attention_reads_and_every_byte_is_counted():
     k, v = kv(T=50, seed=2)
     m = GEAR(bits=2, group_size=8, rank=3, outlier_frac=0.05, buffer_size=4)
-    store = m.new_layer(0, 1)
+    store = m.new_layer(0, MODEL)
     outs = drive(store, k, v, [40] + [1] * 10)
     assert torch.equal(outs[0][0], k[:, :, :40])  # prefill attention is exact
     keys, values = outs[-1]  # 50 tokens: the prompt block, 2 decoding blocks of 4, 2 in the buffer
@@ -66,7 +66,7 @@ def test_store_components_add_up_to_what_attention_reads_and_every_byte_is_count
         scales = 2 * 4 * (B * H * math.ceil(n / 8) * D + B * H * n * math.ceil(D / 8))  # keys, values: scale + zero
         factors = 2 * 4 * B * H * (n + D) * min(3, n, D)
         expect += codes + scales + factors
-    expect += (store.k_s.idx.numel() + store.v_s.idx.numel()) * (4 + 4)
+    expect += sum(b[x].idx.numel() for b in store.blocks for x in ("kS", "vS")) * (4 + 4)
     assert store.nbytes() == expect
 
 

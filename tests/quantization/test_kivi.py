@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from reference_impls import Full, KVCache
-from reference_impls.integration import cache_from_record, record_prefill
+from reference_impls.replay import cache_from_record, record_prefill
+from reference_impls.base import Model
 from reference_impls.quantization.kivi import KIVI, kivi_split
+
+from quant_checks import MODEL, after
 
 
 def fake_quant_ref(x, bits, axis_len, along_tokens):
@@ -43,7 +46,7 @@ def test_store_equals_the_reference_after_prefill_and_every_decode_step(bits, G,
     k_all = torch.randn(2, 3, T0 + 12, D, generator=gen, dtype=torch.float16)
     v_all = torch.randn(2, 3, T0 + 12, D, generator=gen, dtype=torch.float16)
     k_all[..., 1] *= 20  # an outlier channel, as in real keys
-    store = KIVI(bits=bits, group_size=G, residual_length=R).new_layer(0, 1)
+    store = KIVI(bits=bits, group_size=G, residual_length=R).new_layer(0, MODEL)
     t = 0
     for q in [T0] + [1] * 9 + [3]:  # prefill, decode steps, then a 3-token chunk
         keys, values, slots = store.append(k_all[:, :, t:t + q], v_all[:, :, t:t + q])
@@ -53,7 +56,7 @@ def test_store_equals_the_reference_after_prefill_and_every_decode_step(bits, G,
             assert torch.allclose(keys[:, :, :t].float(), kh, atol=1e-3, rtol=1e-3)
             assert torch.allclose(values[:, :, :t].float(), vh, atol=1e-3, rtol=1e-3)
         assert torch.equal(keys[:, :, t:], k_all[:, :, t:t + q]) and torch.equal(values[:, :, t:], v_all[:, :, t:t + q])
-        store.after_attention(None)  # KIVI reads nothing from the step
+        after(store, keys, values, q, compress=t == 0)
         t += q
         nk, nv = kivi_split(t, group_size=G, residual_length=R)
         assert store.k.shape[2] == t - nk and store.v.shape[2] == t - nv
@@ -100,9 +103,8 @@ def test_memory_at_4k_tokens_of_smollm2_shape_meets_the_target():
     def measured(method, layers=L):
         total = 0
         for i in range(layers):
-            store = method.new_layer(i, L)
-            store.append(k, v)
-            store.after_attention(None)
+            store = method.new_layer(i, Model(num_layers=L))
+            after(store, *store.append(k, v)[:2], T)
             total += store.nbytes()
         return total * L / layers / full
 

@@ -13,7 +13,7 @@ from reference_impls.quantization.kvquant import (KVQuant, apply_rope, fit_level
                                                   rope_cos_sin)
 from reference_impls.quantization.primitives import dense_range
 
-from quant_checks import drive, ids
+from quant_checks import MODEL, drive, ids
 
 
 @torch.no_grad()
@@ -120,7 +120,7 @@ def test_store_equals_the_reference_on_pre_rope_keys_and_counts_its_bytes():
     pre[..., 3] *= 8  # an outlier channel
     cos, sin = rope_cos_sin(torch.arange(T + 1), D, theta)
     k = apply_rope(pre, cos, sin)
-    store = KVQuant(bits=bits, outlier_frac=0.05, n_sink=2, rope_theta=theta).new_layer(0, 1)
+    store = KVQuant(bits=bits, outlier_frac=0.05, n_sink=2, rope_theta=theta).new_layer(0, MODEL)
     (k0, v0), (k1, v1) = drive(store, k, v, [T, 1])
     assert torch.equal(k0, k[:, :, :T]) and torch.equal(v0, v[:, :, :T])  # prefill attention is exact
     keep = (torch.arange(T) >= 2)[None, None, :, None]  # sinks stay out of calibration
@@ -130,7 +130,7 @@ def test_store_equals_the_reference_on_pre_rope_keys_and_counts_its_bytes():
     assert torch.allclose(apply_rope(k1[:, :, :T], cos[:T], sin[:T], inverse=True), ref_k, atol=1e-5)
     assert torch.allclose(v1[:, :, :T], ref_v, atol=1e-5)
     assert torch.equal(k1[:, :, T:], k[:, :, T:])  # the new token: full precision
-    n_out = store.k_out.idx.numel() + store.v_out.idx.numel()
+    n_out = sum(b[x].idx.numel() for b in store.blocks for x in ("k_out", "v_out"))
     expect = (2 * B * H * (T + 1) * math.ceil(D * bits / 8)  # packed codes
               + 2 * B * H * D * 4 + 2 * B * H * (T + 1) * 4  # key ranges per channel, value ranges per token
               + 2 * 2 ** bits * 4 + B * 8 + n_out * (4 + 4))  # levels, row offsets, outliers (int32 + fp32)
@@ -143,9 +143,9 @@ def test_a_later_key_outside_the_calibrated_channel_range_is_kept_exactly():
     pre, v = torch.randn(1, 1, 31, 8, generator=g), torch.randn(1, 1, 31, 8, generator=g)
     pre[0, 0, 30, 5] = 50.0  # the decoded token, far outside channel 5's prompt range
     cos, sin = rope_cos_sin(torch.arange(31), 8, 1e4)
-    store = KVQuant(bits=2, n_sink=0).new_layer(0, 1)
+    store = KVQuant(bits=2, n_sink=0).new_layer(0, MODEL)
     drive(store, apply_rope(pre, cos, sin), v, [30, 1])
-    before = store.k_out.idx.numel()
+    before = store.blocks[-1]["k_out"].idx.numel()  # the decoded token's block
     keys, _, _ = store.append(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8))
     back = apply_rope(keys[:, :, :31], cos, sin, inverse=True)
     assert abs(float(back[0, 0, 30, 5]) - 50.0) < 1e-4 and before > 0

@@ -8,7 +8,7 @@ import torch
 from reference_impls import Full, KVCache
 from reference_impls.quantization.qjl import QJL, qjl_dequantize, qjl_projection, qjl_quantize, qjl_scores
 
-from quant_checks import drive, ids
+from quant_checks import MODEL, drive, ids
 
 
 def test_the_estimator_is_unbiased_over_random_projections():
@@ -51,7 +51,7 @@ def test_store_blocks_pack_one_bit_per_sketch_dimension_and_count_every_byte():
     B, H, T, D = 2, 2, 70, 16
     k, v = torch.randn(B, H, T + 30, D, generator=g), torch.randn(B, H, T + 30, D, generator=g)
     method = QJL(sketch_dim=64, outlier_sketch_dim=32, n_outliers=2, group_size=8, value_bits=2, buffer_size=32)
-    store = method.new_layer(0, 1)
+    store = method.new_layer(0, MODEL)
     outs = drive(store, k, v, [T] + [1] * 30)
     assert torch.equal(outs[0][0], k[:, :, :T])  # prefill attention is exact
     # prefill: 64 of 70 tokens in one block; decoding: one more block of 32 at 96 tokens; 4 left in full precision
@@ -69,7 +69,7 @@ def test_store_keys_are_the_split_estimator_of_the_official_kernel():
     k, v = torch.randn(1, 1, 17, 16, generator=g), torch.randn(1, 1, 17, 16, generator=g)
     k[..., 5] *= 10
     method = QJL(sketch_dim=64, outlier_sketch_dim=32, n_outliers=2, group_size=8, buffer_size=16)
-    store = method.new_layer(0, 1)
+    store = method.new_layer(0, MODEL)
     keys, _ = drive(store, k, v, [16, 1])[1]
     S = qjl_projection(16, 64, 42)
     q = torch.randn(16, generator=g)

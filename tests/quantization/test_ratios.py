@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reference_impls.base import Step
+from reference_impls.base import Model, Step
 from reference_impls.quantization import FP8, GEAR, KIVI, QJL, FlexGen, KVQuant, ZipCache
 from reference_impls.quantization.ratios import EMBEDDED, CacheSpec, closest
 
@@ -14,7 +14,7 @@ CANDIDATES = {  # every configuration from_ratio can return (ZipCache: a few sal
     "kvquant": [KVQuant(bits=b) for b in (8, 6, 3, 2, 1)],
     "gear": [GEAR(bits=b) for b in (8, 4, 2, 1)],
     "zipcache": [ZipCache(salient_ratio=s, high_bits=h, low_bits=h // 2) for h in (8, 4, 2) for s in (0, 0.37, 1)],
-    "qjl": [QJL(sketch_dim=64 * b, outlier_sketch_dim=32 * b, value_bits=b) for b in (8, 4, 2, 1)],
+    "qjl": [QJL(sketch_dim=64 * b, outlier_sketch_dim=64 * b, value_bits=b) for b in (8, 4, 2, 1)],
 }
 
 
@@ -22,12 +22,10 @@ def measured_ratio(method, T, D, dtype, H=3):
     """Full bytes / bytes one layer's store holds after a compressing pass over T random tokens."""
     g = torch.Generator().manual_seed(T)
     k, v = (torch.randn(1, H, T, D, generator=g) * 3).to(dtype), torch.randn(1, H, T, D, generator=g).to(dtype)
-    store = method.new_layer(0, 1)
+    store = method.new_layer(0, Model())
     kk, vv, slots = store.append(k, v)
     q = torch.randn(1, 3 * H, T, D, generator=g).to(dtype)
-    store.after_attention(Step(queries=q, keys=kk, values=vv, slots=slots, mask=None,
-                               valid=torch.ones(1, H, T, dtype=torch.bool), scaling=D ** -0.5, compress=True,
-                               layer_idx=0, num_layers=1, seen=T))
+    store.after_attention(Step.dense(q, kk, vv))
     return (k.nbytes + v.nbytes) / store.nbytes()
 
 

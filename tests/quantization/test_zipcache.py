@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference_impls import Full, KVCache
-from reference_impls.base import Step
+from reference_impls.base import Model, Step
 from reference_impls.quantization.zipcache import ZipCache, normalized_attention
 
 from quant_checks import ids
@@ -37,11 +37,9 @@ def test_salient_tokens_are_the_top_normalized_scores_and_each_set_is_quantized_
     B, H, Hkv, T, D = 2, 4, 2, 30, 8
     q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g), \
         torch.randn(B, Hkv, T, D, generator=g)
-    store = ZipCache(salient_ratio=0.3, high_bits=8, low_bits=2).new_layer(0, 1)
+    store = ZipCache(salient_ratio=0.3, high_bits=8, low_bits=2).new_layer(0, Model())
     store.append(k, v)
-    store.after_attention(Step(queries=q, keys=k, values=v, slots=None, mask=None,
-                               valid=torch.ones(B, Hkv, T, dtype=torch.bool), scaling=D ** -0.5, compress=True,
-                               layer_idx=0, num_layers=1, seen=T))
+    store.after_attention(Step.dense(q, k, v))
     keys, values, _ = store.append(torch.zeros(B, Hkv, 1, D), torch.zeros(B, Hkv, 1, D))
     # reference: softmax attention, column sums over queries and the 2 query heads, / (T - i), top 9 per head
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -68,7 +66,7 @@ def test_prefill_exact_streaming_blocks_and_bytes(tiny):
         a, b = tiny(torch.tensor([[t + 5]]), cache=full).logits, tiny(torch.tensor([[t + 5]]), cache=cache).logits
         assert torch.allclose(a, b, atol=0.5)
     store = cache.layers[0].store  # 49 tokens: the prompt, two blocks of 4 decoded tokens, 1 in the buffer
-    assert [n for n, _ in store.blocks] == [40, 4, 4] and store.k.shape[2] == 1
+    assert [b["n"] for b in store.blocks] == [40, 4, 4] and store.k.shape[2] == 1
     B, H, D = 1, 2, 16
     expect = 2 * B * H * D * 4  # buffer
     for n in (40, 4, 4):

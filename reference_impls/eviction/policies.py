@@ -1,0 +1,154 @@
+"""Budget policies: how many tokens each layer, then each head, keeps. Any eviction scorer takes any of them.
+
+An eviction method has two policy fields: `layers` turns the uniform per-layer budget b = round(n / ratio)
+into this layer's budget, `heads` turns the layer's budget into one count per KV head from the scorer's
+scores. The total over layers and heads stays what uniform eviction keeps, so methods compare at equal
+memory. Both take the scorer's protected `window` (SnapKV's observation window, kept whatever the budget).
+
+    | policy                  | field  | paper                                  |
+    |-------------------------|--------|----------------------------------------|
+    | Uniform()               | both   | every layer and head keeps b           |
+    | Pyramid(beta)           | layers | PyramidKV, arXiv 2406.02069, Sec. 3    |
+    | Adaptive(alpha, rule)   | heads  | Ada-KV, arXiv 2407.11550, Alg. 1       |
+    | Threshold(min_score)    | heads  | FastGen's recovery mode (arXiv 2310.01801): a head keeps every key its scorer lifted |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["Adaptive", "Pyramid", "Threshold", "Uniform", "adakv_counts", "pyramid_budgets", "parse_policy"]
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """Every layer keeps the uniform budget; every head keeps the layer's budget."""
+
+    #: counts follow the budget, so a layer within budget keeps everything without scoring
+    budgeted: ClassVar[bool] = True
+
+    def layer_budget(self, n: Tensor, budget: Tensor, layer_idx: int, num_layers: int, window: int) -> Tensor:
+        """(B,) tokens per head in this layer; n (B,) tokens seen, budget (B,) the uniform budget (<= n)."""
+        return budget
+
+    def head_counts(self, scores: Tensor, budget: Tensor, window: int) -> Tensor:
+        """(B, H_kv) tokens each head keeps; scores (B, H_kv, T) (-inf where nothing may be kept)."""
+        return budget[:, None].expand(scores.shape[0], scores.shape[1])
+
+
+def pyramid_budgets(n: Tensor, budget: Tensor, num_layers: int, window: int = 0, beta: float = 20) -> Tensor:
+    """(B, L) integer per-layer budgets, decreasing with depth, each row summing to L * budget[b].
+
+    n (B,) tokens seen, budget (B,) the uniform per-layer budget (<= n), window: tokens every layer keeps on
+    top of its pyramid share (the scorer's observation window). The official schedule (KVCache-Factory
+    `PyramidKVCluster`): b_l = w + max - l (max - min) / (L - 1), min = (b - w) / beta, max = 2 (b - w) - min,
+    here in floating point and rounded by largest remainder so the layers add up to exactly L * b (the official
+    code floors, kvpress rounds per layer: both can miss it by up to L tokens). Like the official code, every
+    layer keeps b (uniform) where the pyramid does not apply: when n < 2 (b - w) (at 1.5k tokens and w = 64,
+    every ratio below ~1.84x) and when b <= w (above about n / w x); where the bottom layer would exceed the
+    prompt, it is clipped to n - w and the top raised to keep the total (the official rule).
+    """
+    n, b = n.double(), budget.double()
+    share = b - window  # the part of the budget the pyramid redistributes
+    lo = share / beta
+    hi = 2 * share - lo
+    over = hi > n - window  # the bottom layer cannot keep more than the whole prompt
+    hi = torch.where(over, n - window, hi)
+    lo = torch.where(over, 2 * share - hi, lo)
+    l = torch.arange(num_layers, dtype=torch.float64, device=n.device)
+    steps = (hi - lo) / max(num_layers - 1, 1)
+    exact = window + hi[:, None] - l[None, :] * steps[:, None]  # (B, L), mean = b
+    fits = (share > 0) & (lo >= 0) & (hi >= lo) & (n >= 2 * share)  # official: uniform when n < 2 (b - w)
+    exact = torch.where(fits[:, None], exact, b[:, None].expand_as(exact))
+    floor = exact.floor()
+    missing = (b[:, None] * num_layers - floor.sum(-1, keepdim=True)).round().long()  # (B, 1)
+    rank = (floor - exact).argsort(dim=-1, stable=True).argsort(dim=-1)  # 0 = largest fractional part
+    return floor.long() + (rank < missing).long()
+
+
+@dataclass(frozen=True)
+class Pyramid(Uniform):
+    """PyramidKV's per-layer budgets (see `pyramid_budgets`); beta: top layer keeps (b - w) / beta (official 20)."""
+
+    beta: float = 20
+
+    def __post_init__(self):
+        if not (isinstance(self.beta, (int, float)) and self.beta >= 1):
+            raise ValueError(f"Pyramid: beta must be a number >= 1, got {self.beta!r}")
+
+    def layer_budget(self, n, budget, layer_idx, num_layers, window):
+        return pyramid_budgets(n, torch.minimum(budget, n), num_layers, window, self.beta)[:, layer_idx]
+
+
+def adakv_counts(scores: Tensor, budget: Tensor, alpha: float = 0.2, window: int = 0, rule: str = "official") -> Tensor:
+    """(B, H_kv) tokens each head keeps: a guaranteed share per head, then a top-(H_kv b) over the layer.
+
+    scores (B, H_kv, T), -inf where nothing may be kept; budget (B,) average tokens per head; window: the
+    scorer's protected tokens, scored above the rest. Guaranteed per head, rule "official" (the Ada-KV code,
+    `floor_alpha`): the window plus floor(alpha (b - w)) prefix tokens; rule "kvpress" (AdaKVPress):
+    floor(alpha b) tokens, window included (so below ~5 windows of budget no prefix token is protected).
+    """
+    B, H, T = scores.shape
+    b = budget.double()
+    n_safe = (window + (alpha * (b - window).clamp(min=0)).floor()).long() if rule == "official" else (alpha * b).floor().long()
+    n_safe = torch.minimum(n_safe, budget)
+    s = scores.float().clone()
+    width = int(n_safe.max())
+    if width > 0:  # lift each head's best n_safe above every other score (not above -inf holes)
+        top = s.topk(min(width, T), dim=-1).indices
+        lift = (torch.arange(top.shape[-1], device=s.device) < n_safe[:, None, None]) & s.gather(-1, top).isfinite()
+        s.scatter_(-1, top, torch.where(lift, torch.finfo(s.dtype).max, s.gather(-1, top)))
+    total = H * budget  # (B,) the layer's tokens, as many as uniform allocation
+    flat = s.reshape(B, H * T).topk(min(int(total.max()), H * T), dim=-1).indices
+    chosen = (torch.arange(flat.shape[1], device=s.device) < total[:, None]) & s.reshape(B, -1).gather(
+        -1, flat).isfinite()
+    picked = torch.zeros(B, H * T, device=s.device).scatter_(-1, flat, chosen.float())
+    return picked.view(B, H, T).sum(-1).long()
+
+
+@dataclass(frozen=True)
+class Adaptive(Uniform):
+    """Ada-KV's adaptive split of a layer's H_kv * b tokens across its heads by a layer-wide top-k of the scores.
+
+    alpha: the guaranteed share (official and kvpress: 0.2); rule: "official" (window + floor(alpha (b - w)) per
+    head, the Ada-KV code) or "kvpress" (floor(alpha b) per head, kvpress's AdaKVPress).
+    """
+
+    alpha: float = 0.2
+    rule: str = "official"
+
+    def __post_init__(self):
+        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise ValueError(f"Adaptive: alpha must be a number in [0, 1], got {self.alpha!r}")
+        if self.rule not in ("official", "kvpress"):
+            raise ValueError(f"Adaptive: rule must be 'official' or 'kvpress', got {self.rule!r}")
+
+    def head_counts(self, scores, budget, window):
+        return adakv_counts(scores, budget, self.alpha, window, self.rule)
+
+
+@dataclass(frozen=True)
+class Threshold(Uniform):
+    """Each head keeps every key scored at least `min_score` (memory follows the scores, not a budget)."""
+
+    min_score: float = 0.0
+    budgeted: ClassVar[bool] = False
+
+    def head_counts(self, scores, budget, window):
+        return (scores >= self.min_score).sum(-1)
+
+
+_BY_NAME = {"uniform": Uniform, "pyramid": Pyramid, "adaptive": Adaptive, "threshold": Threshold}
+
+
+def parse_policy(value, field_name: str, allowed: tuple[str, ...]):
+    """A policy object from itself or from its name (the CLI's `heads=adaptive`); errors name the allowed ones."""
+    if isinstance(value, str) and value in allowed:
+        return _BY_NAME[value]()
+    if isinstance(value, tuple(_BY_NAME[a] for a in allowed)) and type(value).__name__.lower() in allowed:
+        return value
+    raise ValueError(f"{field_name} must be one of {', '.join(allowed)} (a name or a policy object), got {value!r}")

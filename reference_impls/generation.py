@@ -1,0 +1,109 @@
+"""Prompts and decoding: the chat-template prompt split where the question starts, greedy decoding with a
+KVCache, and one prompt end to end with its measured bytes and times (the CLI's and the benchmark's record).
+
+Query-agnostic (kvpress) and query-aware (SnapKV paper) settings differ only in what is prefilled before the
+cache compresses: the context alone, or context and question.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from reference_impls.base import KVMethod
+from reference_impls.integration import KVCache
+
+__all__ = ["Generation", "build_prompt", "eos_ids", "greedy_generate", "run_sample"]
+
+
+def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> tuple[Tensor, Tensor]:
+    """Chat-template prompt, split where the question starts: (context_ids, question_ids), each (1, n).
+
+    The user turn is the context, a blank line, then the question; the question part carries the rest
+    of the template (end of turn, assistant header) and the optional `answer_prefix` that starts the
+    assistant's reply, so the two parts concatenate to the full prompt.
+    """
+    sep = "\n\n"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": context + sep + question}],
+                                         tokenize=False, add_generation_prompt=True) + answer_prefix
+    cut = text.index(context) + len(context) + len(sep)
+    ctx = tokenizer(text[:cut], add_special_tokens=False, return_tensors="pt").input_ids
+    qst = tokenizer(text[cut:], add_special_tokens=False, return_tensors="pt").input_ids
+    return ctx, qst
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    kv_bytes: int  # measured right after the compressing pass
+    full_kv_bytes: int
+    kv_bytes_end: int  # measured after the last generated token
+    full_kv_bytes_end: int
+
+
+@torch.no_grad()
+def greedy_generate(model, cache: KVCache, prompt_parts: list[Tensor], max_new_tokens: int,
+                    eos_token_ids: Optional[set[int]] = None, logits: Optional[Tensor] = None) -> Generation:
+    """Prefill the prompt parts one forward each (the cache compresses after the first), then decode greedily.
+
+    Query-aware: one part (context + question). Query-agnostic: [context, question]. A cache built by
+    `replay.cache_from_record` passes the remaining parts and the recorded `logits` (1, 1, vocab) instead.
+    """
+    eos_token_ids = eos_token_ids or set()
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    kv_bytes = full = None
+    if cache.compressed_at is not None:  # built by cache_from_record: already compressed, measure now
+        kv_bytes, full = cache.nbytes(), cache.full_nbytes()
+    for part in prompt_parts:
+        logits = model(input_ids=part.to(device), cache=cache, use_cache=True).logits
+        if kv_bytes is None:
+            kv_bytes, full = cache.nbytes(), cache.full_nbytes()
+    token = int(logits[0, -1].argmax())
+    prefill_s = time.perf_counter() - t0
+    tokens = [token]
+    t1 = time.perf_counter()
+    while len(tokens) < max_new_tokens and token not in eos_token_ids:
+        logits = model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True).logits
+        token = int(logits[0, -1].argmax())
+        tokens.append(token)
+    decode_s = time.perf_counter() - t1
+    return Generation(tokens, prefill_s, decode_s, kv_bytes, full, cache.nbytes(), cache.full_nbytes())
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """The ids that end generation: the tokenizer's eos and the model's generation config's."""
+    cfg = getattr(model.generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id} | set(cfg if isinstance(cfg, (list, tuple)) else [cfg])
+    return {i for i in ids if i is not None}
+
+
+def run_sample(model, tokenizer, method: KVMethod, context: str, question: str, *, query_aware: bool = False,
+               max_new_tokens: int = 32, answer_prefix: str = "") -> dict[str, Any]:
+    """One prompt end to end: the answer and the measured bytes and times (the CLI's output record)."""
+    ctx, qst = build_prompt(tokenizer, context, question, answer_prefix)
+    parts = [torch.cat([ctx, qst], dim=1)] if query_aware else [ctx, qst]
+    cache = KVCache(model, method, tokenizer)
+    eos = eos_ids(model, tokenizer)
+    gen = greedy_generate(model, cache, parts, max_new_tokens, eos_token_ids=eos)
+    text_tokens = [t for t in gen.tokens if t not in eos]
+    n_decoded = max(len(gen.tokens) - 1, 0)
+    return {
+        "answer": tokenizer.decode(text_tokens, skip_special_tokens=True).strip(),
+        "kv_bytes": gen.kv_bytes,
+        "full_kv_bytes": gen.full_kv_bytes,
+        "achieved_ratio": gen.full_kv_bytes / gen.kv_bytes if gen.kv_bytes else float("nan"),
+        "kv_bytes_end": gen.kv_bytes_end,
+        "full_kv_bytes_end": gen.full_kv_bytes_end,
+        "prompt_tokens": int(ctx.shape[1] + qst.shape[1]),
+        "compressed_tokens": int(ctx.shape[1] + (qst.shape[1] if query_aware else 0)),
+        "prefill_s": gen.prefill_s,
+        "decode_tokens_per_s": n_decoded / gen.decode_s if gen.decode_s > 0 and n_decoded else float("nan"),
+        "new_tokens": len(gen.tokens),
+    }
