@@ -78,12 +78,15 @@ def cmd_validate(args) -> int:
     for p in paths:
         if not p.is_file():
             raise UsageError(f"{p}: no such file")
-    entries, problems = load_entries(paths)
+    entries, problems = load_entries(paths, warnings=True)
     for prob in problems:
         print(prob)
-    bad = len({p.file for p in problems})
-    print(f"{len(paths)} entries checked: {len(paths) - bad} valid, {bad} with problems", file=sys.stderr)
-    return 1 if problems else 0
+    errors = [p for p in problems if p.level == "error"]
+    bad = len({p.file for p in errors})
+    warned = len(problems) - len(errors)
+    print(f"{len(paths)} entries checked: {len(paths) - bad} valid, {bad} with problems"
+          + (f" ({warned} warnings)" if warned else ""), file=sys.stderr)
+    return 1 if errors else 0
 
 
 # ------------------------------------------------------------------------------------------------ cite
