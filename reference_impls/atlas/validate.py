@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 import yaml
 from pydantic import ValidationError
 
-from reference_impls.atlas.paths import project_root, taxonomy_dir
+from reference_impls.atlas.paths import is_packaged, project_root, taxonomy_dir
 from reference_impls.atlas.schema import VOCAB, Entry, Result
 
 __all__ = ["Problem", "load_entries", "validate_paths", "entry_files"]
@@ -165,7 +165,7 @@ def load_entries(paths: Iterable[Path] | None = None, *, check_links: bool = Tru
     With `warnings=True` the problems also hold warning-level ones (`level == "warning"`), after the errors.
     """
     paths = list(paths) if paths is not None else entry_files()
-    root = project_root()
+    root, packaged = project_root(), is_packaged()  # an installed wheel carries the taxonomy, not the notebooks
     entries, nodes, problems = [], {}, []
     for p in paths:
         shown = _shown(Path(p))
@@ -205,7 +205,7 @@ def load_entries(paths: Iterable[Path] | None = None, *, check_links: bool = Tru
             if e.implementation and not _exists_dotted(e.implementation):
                 problems.append(Problem(shown, _line_of(nodes[shown], ("implementation",)), "implementation",
                                         f"{e.implementation!r} cannot be imported"))
-            if e.notebook and not (root / e.notebook).is_file():
+            if e.notebook and not packaged and not (root / e.notebook).is_file():
                 problems.append(Problem(shown, _line_of(nodes[shown], ("notebook",)), "notebook",
                                         f"{e.notebook!r} does not exist"))
     if warnings:
