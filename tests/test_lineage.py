@@ -72,3 +72,13 @@ def test_options_and_edge_cases():
     # a builds_on cycle inside one year does not hang the layout
     loop = [entry("pp", 2024, builds_on=["qq"]), entry("qq", 2024, builds_on=["pp"])]
     assert set(parse(family_svg(loop, "token-eviction"))[1]) == {"pp", "qq"}
+
+
+def test_an_edge_back_in_time_leaves_from_the_left_side():
+    """An entry dated before the work it builds on (a library cited by its first release): still readable."""
+    _, nodes, _ = parse(family_svg([entry("old", 2019, builds_on=["new"]), entry("new", 2024)], "token-eviction"))
+    path = next(p for p in ET.fromstring(family_svg([entry("old", 2019, builds_on=["new"]), entry("new", 2024)],
+                                                    "token-eviction")).iter("{http://www.w3.org/2000/svg}path")
+                if p.get("data-from") == "new")
+    start_x = float(path.get("d")[1:].split(",")[0])
+    assert start_x == float(nodes["new"].find("s:rect", NS).get("x"))

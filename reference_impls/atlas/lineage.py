@@ -6,7 +6,8 @@ on (greyed). Edges: `builds_on` as solid arrows from the earlier work to the one
 picture would add a node for every baseline table). Columns are years, left to right; inside a year, a
 method that builds on another of the same year sits to its right, and a crowded year wraps into more
 columns. Each node links to its entry page (`href(id)`, by default `../<id>/`, the entry page seen from a
-sibling page under `taxonomy/`; see `scripts/gen_pages.py`).
+sibling page under `taxonomy/`; see `scripts/gen_pages.py`). The SVG keeps its natural size (12 px labels,
+`max-width:none` against themes that shrink images to the column): wrap it in a box that scrolls sideways.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def family_svg(entries: Iterable[Entry], principle: str, *,
     y = lambda i: TOP + place[i][1] * (H + GAP_Y)
     uid = f"kv-arrow-{principle}"
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="kv-lineage" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="lineage of the {escape(principle)} family">',
+           f'viewBox="0 0 {width} {height}" style="max-width:none" role="img" aria-label="lineage of the {escape(principle)} family">',
            f'<defs><marker id="{uid}" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
            f'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#5c6bc0"/></marker></defs>']
     # year headings over the first column of each year
@@ -140,6 +141,9 @@ def _edge(x1: float, y1: float, x2: float, y2: float, same_col: bool, a: str, b:
         sx, sy, ex, ey = x1 + W, y1 + H / 2, x2 + W, y2 + H / 2
         bend = 28 + abs(ey - sy) / 6
         d = f"M{sx},{sy} C{sx + bend},{sy} {ex + bend},{ey} {ex},{ey}"
+    elif x2 < x1:  # pointing back in time (an entry dated before the work it builds on): left side to right side
+        sx, sy, ex, ey = x1, y1 + H / 2, x2 + W, y2 + H / 2
+        d = f"M{sx},{sy} C{sx - GAP_X * 0.8},{sy} {ex + GAP_X * 0.6},{ey} {ex},{ey}"
     else:
         sx, sy, ex, ey = x1 + W, y1 + H / 2, x2, y2 + H / 2
         mid = (sx + ex) / 2 if ex - sx < 2 * GAP_X else sx + GAP_X * 0.8
