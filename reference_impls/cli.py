@@ -129,7 +129,9 @@ def cmd_export(args) -> int:
         sys.stdout.write(text)
     else:
         out.write_text(text, encoding="utf-8")
-        print(f"wrote {len(entries)} entries to {out}", file=sys.stderr)
+        n_results = sum(len(e.reported_results) for e in entries)
+        what = f"{n_results} reported results of {len(entries)} entries" if args.results else f"{len(entries)} entries"
+        print(f"wrote {what} to {out}", file=sys.stderr)
     return 0
 
 
