@@ -29,6 +29,10 @@ def run(*cmd, cwd, env=None, timeout=300):
 
 @pytest.mark.slow
 def test_an_installed_wheel_carries_the_atlas(tmp_path):
+    from importlib.metadata import version
+
+    if int(version("setuptools").split(".")[0]) < 77:  # scripts/install.sh installs it
+        pytest.skip("building without network needs setuptools>=77 here: pip install 'setuptools>=77'")
     src = tmp_path / "src"
     src.mkdir()
     for name in BUILD_INPUTS:
