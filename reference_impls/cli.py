@@ -1,4 +1,4 @@
-"""The `kvatlas` command: list, validate, cite, new, schema, generate.
+"""The `kvatlas` command: list, validate, cite, export, new, schema, generate.
 
 Bad input gets one line on stderr naming the file, field or parameter, and a non-zero exit; never a
 traceback. `generate` writes its output only when every input line has been answered.
@@ -78,12 +78,15 @@ def cmd_validate(args) -> int:
     for p in paths:
         if not p.is_file():
             raise UsageError(f"{p}: no such file")
-    entries, problems = load_entries(paths)
+    entries, problems = load_entries(paths, warnings=True)
     for prob in problems:
         print(prob)
-    bad = len({p.file for p in problems})
-    print(f"{len(paths)} entries checked: {len(paths) - bad} valid, {bad} with problems", file=sys.stderr)
-    return 1 if problems else 0
+    errors = [p for p in problems if p.level == "error"]
+    bad = len({p.file for p in errors})
+    warned = len(problems) - len(errors)
+    print(f"{len(paths)} entries checked: {len(paths) - bad} valid, {bad} with problems"
+          + (f" ({warned} warnings)" if warned else ""), file=sys.stderr)
+    return 1 if errors else 0
 
 
 # ------------------------------------------------------------------------------------------------ cite
@@ -103,6 +106,32 @@ def cmd_cite(args) -> int:
     if problems:
         raise UsageError(str(problems[0]))
     print(entries[0].bibtex.strip())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from reference_impls.atlas import export
+    from reference_impls.atlas.validate import load_entries
+
+    if args.results and args.format != "csv":
+        raise UsageError("--results goes with --format csv (one row per reported result)")
+    out = Path(args.output) if args.output else None
+    if out is not None and not out.parent.is_dir():
+        raise UsageError(f"--output {out}: folder {out.parent} does not exist")
+    entries, problems = load_entries(check_links=False)
+    if problems:
+        raise UsageError(f"the taxonomy has {len(problems)} problems; run `kvatlas validate` (first: {problems[0]})")
+    write = {"json": export.to_json, "csv": export.to_results_csv if args.results else export.to_csv,
+             "bibtex": export.to_bibtex}[args.format]
+    text = write(entries)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        n_results = sum(len(e.reported_results) for e in entries)
+        what = f"{n_results} reported results of {len(entries)} entries" if args.results else f"{len(entries)} entries"
+        print(f"wrote {what} to {out}", file=sys.stderr)
     return 0
 
 
@@ -254,6 +283,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?")
     p.add_argument("--all", action="store_true")
     p.set_defaults(func=cmd_cite)
+
+    p = sub.add_parser("export", help="the whole atlas as one JSON, CSV or BibTeX file (stdout by default)")
+    p.add_argument("--format", required=True, choices=["json", "csv", "bibtex"])
+    p.add_argument("--results", action="store_true", help="with --format csv: one row per reported result")
+    p.add_argument("--output", help="file to write (default: stdout)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("new", help="scaffold a new method: entry, implementation stub, test, notebook")
     p.add_argument("id")

@@ -75,12 +75,18 @@ table = ("<div class=\"kv-faceted\" data-facets=\"1,2,3,4,5,7\">\n<table class=\
          "<thead><tr><th>Method</th><th>Principle</th><th>Dimensions</th><th>Training</th><th>Phase</th>"
          "<th>Query-aware</th><th data-sort=\"number\">Year</th><th>Implemented</th><th>Venue</th></tr></thead>\n"
          "<tbody>\n" + "\n".join(rows) + "\n</tbody></table>\n</div>")
+from reference_impls.atlas.lineage import family_svg as lineage_svg  # noqa: E402
+
 sections = []
 for p, definition in VOCAB["principle"].items():
     mine = [e for e in entries if e.principle == p]
     if mine:
         items = ", ".join(link(e.id) for e in mine)
-        sections.append(f"### {p} {{#p-{p}}}\n\n{definition}\n\n{items}\n")
+        # the family's lineage (builds_on / compared_with by year); from taxonomy/ an entry page is <id>/
+        lineage = lineage_svg(entries, p, href=lambda eid: f"{eid}/")
+        sections.append(f"### {p} {{#p-{p}}}\n\n{definition}\n\n{items}\n\n<details class=\"kv-lineage-box\">"
+                        f"<summary>Lineage: who builds on whom</summary><div style=\"overflow-x:auto\">{lineage}"
+                        f"</div></details>\n")
 write("taxonomy/index.md", f"""# The taxonomy
 
 {len(entries)} methods, {sum(1 for e in entries if e.implementation)} with a tested reference implementation.

@@ -31,6 +31,23 @@ def edit(text, field, new_line):
     return "\n".join(lines) + "\n"
 
 
+def fresh(text, eid="fixture-entry"):
+    """The good entry under another id, arXiv id and BibTeX key, so it clashes with nothing in taxonomy/."""
+    return (edit(text, "id", f"id: {eid}").replace("2309.17453", "2309.00001")
+            .replace("xiao2024streamingllm", f"{eid.replace('-', '')}2099"))
+
+
+def result_field(text, line):
+    """Add `line` to the first reported result (before its source)."""
+    return text.replace("    source: Abstract\n", f"    {line}\n    source: Abstract\n", 1)
+
+
+def no_results(text, reason_line=None):
+    """Empty the reported results; optionally add a `no_results_reason` line."""
+    text = re.sub(r"reported_results:\n(  .*\n)+", "reported_results: []\n", text)
+    return text + (reason_line + "\n" if reason_line else "")
+
+
 # (name, transform of the good text, the field the message must name, a fragment of the message)
 CASES = [
     ("yaml-syntax", lambda t: t.replace("name: StreamingLLM", "name: [StreamingLLM"), "yaml", "invalid YAML"),
@@ -62,6 +79,49 @@ CASES = [
     ("result-missing-value", lambda t: t.replace("    value: 22.2\n", ""), "reported_results[0].value", "missing"),
     ("id-not-file-name", lambda t: edit(t, "id", "id: streaming-llm"), "id", "must equal the file name"),
     ("not-a-mapping", lambda t: "- just\n- a list\n", "entry", "mapping"),
+    # issue #17: the result fields, the result-or-reason rule, and the rest of the schema's rules
+    ("kv-fraction-zero", lambda t: result_field(t, "kv_fraction: 0.0"), "reported_results[0].kv_fraction",
+     "not a fraction in (0, 1]"),
+    ("kv-fraction-above-one", lambda t: result_field(t, "kv_fraction: 4.0"), "reported_results[0].kv_fraction",
+     "0.25 = 4x smaller"),
+    ("kv-fraction-percent", lambda t: result_field(t, 'kv_fraction: "25%"'), "reported_results[0].kv_fraction",
+     "not a fraction in (0, 1]"),
+    ("paper-version-bare-number", lambda t: result_field(t, 'paper_version: "2"'),
+     "reported_results[0].paper_version", "allowed values look like 'v1', 'v2'"),
+    ("paper-version-unquoted-int", lambda t: result_field(t, "paper_version: 2"), "reported_results[0].paper_version",
+     "valid string"),
+    ("empty-subset", lambda t: result_field(t, 'subset: ""'), "reported_results[0].subset", "at least 1 character"),
+    ("result-unknown-field", lambda t: result_field(t, "note: from the talk"), "reported_results[0].note",
+     "allowed fields: model, benchmark, metric, compression, value, baseline_value, subset, kv_fraction"),
+    ("result-value-as-string", lambda t: t.replace("    value: 22.2\n", '    value: "22.2"\n'),
+     "reported_results[0].value", "valid number"),
+    ("no-result-no-reason", lambda t: no_results(t), "reported_results",
+     "at least one reported result or a no_results_reason"),
+    ("no-result-short-reason", lambda t: no_results(t, "no_results_reason: none"), "no_results_reason",
+     "at least 10 characters"),
+    ("dangling-compared-with", lambda t: edit(t, "compared_with", "compared_with: [h2o, no-such-method]"),
+     "compared_with[1]", "no taxonomy entry with id 'no-such-method'"),
+    ("arxiv-with-version", lambda t: edit(t, "arxiv", 'arxiv: "2309.17453v2"'), "arxiv", 'like "2402.02750"'),
+    ("doi-as-url", lambda t: edit(t, "url", "url: https://arxiv.org/abs/2309.17453\ndoi: https://doi.org/10.1/x"),
+     "doi", "no https://doi.org/ prefix"),
+    ("bad-code-url", lambda t: edit(t, "code", "code: github.com/mit-han-lab/streaming-llm"), "code", "https?://"),
+    ("unknown-also", lambda t: edit(t, "principle", "principle: token-eviction\nalso: [telepathy]"), "also[0]",
+     "allowed values: baseline, quantization, token-eviction"),
+    ("unknown-granularity", lambda t: edit(t, "granularity", "granularity: word"), "granularity",
+     "allowed values: token, block, channel"),
+    ("unknown-budget-policy", lambda t: edit(t, "budget_policy", "budget_policy: fixed"), "budget_policy",
+     "allowed values: uniform, per-layer, per-head, adaptive, not-applicable"),
+    ("unknown-benchmark-category", lambda t: edit(t, "benchmark_category", "benchmark_category: eviction"),
+     "benchmark_category", "allowed values: kv-quantization, token-dropping"),
+    ("id-not-a-slug", lambda t: edit(t, "id", "id: StreamingLLM"), "id", "not a slug"),
+    ("empty-authors", lambda t: edit(t, "authors", "authors: []"), "authors", "at least 1 item"),
+    ("empty-dimensions", lambda t: edit(t, "dimensions", "dimensions: []"), "dimensions", "at least 1 item"),
+    ("year-too-early", lambda t: edit(t, "year", "year: 1890"), "year", "greater than or equal to 1990"),
+    ("bibtex-unbalanced", lambda t: t.replace("archivePrefix = {arXiv}", "archivePrefix = {arXiv"), "bibtex",
+     "unbalanced braces"),
+    ("summary-six-sentences", lambda t: re.sub(r"summary: >-\n(  .*\n)+", "summary: " + "It is a sentence. " * 6
+                                               + "\n", t), "summary", "2-5 sentences"),
+    ("implementation-without-notebook", lambda t: edit(t, "notebook", None), "notebook", "also needs its notebook"),
 ]
 
 
@@ -74,6 +134,48 @@ def test_each_malformed_entry_gets_a_clear_message(tmp_path, name, transform, fi
     assert mine, f"no problem reported for field {field!r}; got {[str(p) for p in problems]}"
     assert any(fragment in p.message for p in mine), [str(p) for p in mine]
     assert all(p.file.endswith("streamingllm.yaml") and p.line >= 1 for p in problems)
+    assert any(str(p).startswith(f"{p.file}:{p.line}: {field}: ") for p in mine)  # the line users read
+
+
+def test_there_are_at_least_30_malformed_cases():
+    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_a_reason_alone_is_enough_and_both_are_allowed(tmp_path):
+    path = tmp_path / "fixture-entry.yaml"
+    path.write_text(no_results(fresh(GOOD), "no_results_reason: the paper reports latency only, in figures"))
+    assert load_entries([path])[1] == []
+    path.write_text(fresh(GOOD) + "no_results_reason: only one speed-up, no accuracy table\n")
+    assert load_entries([path])[1] == []
+
+
+def test_the_no_results_rule_points_at_its_line(tmp_path):
+    path = tmp_path / "streamingllm.yaml"
+    path.write_text(no_results(GOOD))
+    (p,) = load_entries([path])[1]
+    assert path.read_text().splitlines()[p.line - 1].startswith("reported_results:")
+
+
+def test_a_table_without_paper_version_is_a_warning_not_an_error(tmp_path):
+    path = tmp_path / "fixture-entry.yaml"
+    path.write_text(fresh(GOOD).replace("source: Abstract", "source: Table 2"))
+    assert load_entries([path])[1] == []  # warnings only on request
+    (w,) = load_entries([path], warnings=True)[1]
+    assert w.level == "warning" and w.field == "reported_results[0].paper_version" and "'Table 2'" in w.message
+    res = kvatlas("validate", str(path))
+    assert res.returncode == 0 and ": reported_results[0].paper_version: warning: " in res.stdout
+    assert "1 warnings" in res.stderr
+    path.write_text(fresh(GOOD).replace("source: Abstract", "paper_version: v2\n    source: Table 2"))
+    assert load_entries([path], warnings=True)[1] == []
+
+
+def test_a_duplicate_bibtex_key_names_both_files(tmp_path):
+    (tmp_path / "aa.yaml").write_text(fresh(GOOD, "aa"))
+    (tmp_path / "bb.yaml").write_text(fresh(GOOD, "bb").replace("2309.00001", "2309.00002").replace("bb2099", "aa2099"))
+    probs = load_entries([tmp_path / "aa.yaml", tmp_path / "bb.yaml"])[1]
+    (p,) = probs
+    assert p.file.endswith("bb.yaml") and p.field == "bibtex" and "duplicate BibTeX key 'aa2099'" in p.message
+    assert "aa.yaml" in p.message
 
 
 def test_line_numbers_point_at_the_field(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from reference_impls.atlas.paths import project_root
+from reference_impls.atlas.paths import is_packaged, project_root
 from reference_impls.atlas.schema import ID_RE, VOCAB
 
 __all__ = ["FAMILY_OF", "scaffold"]
@@ -125,6 +125,8 @@ def scaffold(method_id: str, principle: str) -> list[Path]:
         raise ValueError(f"id {method_id!r} must be a lowercase slug (letters, digits, '-'), like 'snapkv'")
     if principle not in VOCAB["principle"]:
         raise ValueError(f"--principle {principle!r} is not allowed; allowed values: {', '.join(VOCAB['principle'])}")
+    if is_packaged():
+        raise ValueError("kvatlas new writes into a checkout: run it inside a clone of the kvatlas repository")
     root, family, module, cls = project_root(), FAMILY_OF[principle], method_id.replace("-", "_"), _class_name(method_id)
     fmt = {"id": method_id, "principle": principle, "family": family, "module": module, "cls": cls,
            **{k: " | ".join(VOCAB[k]) for k in ("dimensions", "training", "phase", "granularity", "budget_policy")}}

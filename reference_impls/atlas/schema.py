@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from reference_impls.atlas.paths import taxonomy_dir
 
@@ -139,7 +140,11 @@ class Entry(BaseModel):
         if not (self.arxiv or self.doi or self.url):
             raise ValueError("an entry needs an arxiv id, a doi or a url")
         if (self.implementation is None) != (self.notebook is None) and self.implementation is not None:
-            raise ValueError("an entry with an implementation also needs its notebook")
+            raise PydanticCustomError("needs_notebook", "an entry with an implementation also needs its notebook")
+        if not self.reported_results and not self.no_results_reason:
+            # its own error type, so the validator can name the field (a model validator has no location)
+            raise PydanticCustomError("no_results", "an entry needs at least one reported result or a "
+                                      "no_results_reason saying why it has none (both are empty)")
         return self
 
     @property

@@ -1,14 +1,20 @@
 """Load and validate taxonomy entries; every problem becomes one `file:line: field: message` line.
 
 Checks: YAML syntax, the schema (types, required fields, vocabularies with their allowed values, arXiv id
-format, BibTeX shape), id equal to the file name, duplicate ids / arXiv ids / BibTeX keys, and that every
-`builds_on` / `compared_with` id, `implementation` dotted path and `notebook` file exists.
+format, BibTeX shape, a reported result or a `no_results_reason`), id equal to the file name, duplicate ids /
+arXiv ids / BibTeX keys, and that every `builds_on` / `compared_with` id, `implementation` dotted path and
+`notebook` file exists.
+
+Warnings (`load_entries(..., warnings=True)`; printed by `kvatlas validate`, which still exits 0) flag what
+a reviewer should look at but the schema cannot require: a result read from a table or figure without the
+`paper_version` it was read from (tables change between arXiv versions).
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -16,12 +22,14 @@ from typing import Any, Iterable, Optional
 import yaml
 from pydantic import ValidationError
 
-from reference_impls.atlas.paths import project_root, taxonomy_dir
-from reference_impls.atlas.schema import VOCAB, Entry
+from reference_impls.atlas.paths import is_packaged, project_root, taxonomy_dir
+from reference_impls.atlas.schema import VOCAB, Entry, Result
 
 __all__ = ["Problem", "load_entries", "validate_paths", "entry_files"]
 
 _NOT_ENTRIES = {"vocabulary.yaml", "schema.json"}
+_FROM_TABLE = re.compile(r"(?i)^(table|figure|fig\.)")
+_RULE_FIELD = {"no_results": ("reported_results",), "needs_notebook": ("notebook",)}  # schema.py's entry rules
 _VOCAB_FIELDS = {"principle", "also", "dimensions", "training", "phase", "granularity", "budget_policy",
                  "benchmark_category"}
 
@@ -32,9 +40,11 @@ class Problem:
     line: int
     field: str
     message: str
+    level: str = "error"  # or "warning": shown by `kvatlas validate`, never fails it
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+        tag = "warning: " if self.level == "warning" else ""
+        return f"{self.file}:{self.line}: {self.field}: {tag}{self.message}"
 
 
 def entry_files(folder: Optional[Path] = None) -> list[Path]:
@@ -67,11 +77,25 @@ def _message(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return "required field is missing"
     if err["type"] == "extra_forbidden":
-        return f"unknown field (allowed fields: {', '.join(Entry.model_fields)})"
+        model = Result if field == "reported_results" and len(err["loc"]) > 2 else Entry
+        return f"unknown field (allowed fields: {', '.join(model.model_fields)})"
     if err["type"] == "string_pattern_mismatch" and field == "arxiv":
         return f"{err['input']!r} is not an arXiv id like \"2402.02750\" (quote it in YAML)"
     if err["type"] == "string_pattern_mismatch" and field == "id":
         return f"{err['input']!r} is not a slug: lowercase letters, digits and '-', at least 2 characters"
+    if err["type"] == "string_pattern_mismatch" and field == "doi":
+        return f"{err['input']!r} is not a DOI like \"10.18653/v1/2024.findings-emnlp.266\" (no https://doi.org/ prefix)"
+    last = str(err["loc"][-1]) if err["loc"] else ""
+    if err["type"] == "string_pattern_mismatch" and last == "paper_version":
+        return f"{err['input']!r} is not an arXiv version: allowed values look like 'v1', 'v2', ... (quote it in YAML)"
+    if err["type"] == "string_pattern_mismatch" and last == "source":
+        return (f"{err['input']!r} does not say where in the paper: it must start with Table, Figure, Fig., Section "
+                "or Abstract (String should match pattern)")
+    if last == "kv_fraction" and err["type"] in ("greater_than", "less_than_equal", "float_type", "float_parsing"):
+        return (f"{err['input']!r} is not a fraction in (0, 1]: KV bytes held / a 16-bit full cache's bytes "
+                "(0.25 = 4x smaller; 2-bit KV = 0.125)")
+    if err["type"] in _RULE_FIELD:
+        return err["msg"]
     msg = err["msg"].removeprefix("Value error, ")
     return f"{msg} (got {err['input']!r})" if err["type"].endswith("_type") else msg
 
@@ -95,7 +119,12 @@ def _load_one(path: Path, shown: str) -> tuple[Optional[Entry], Optional[yaml.No
     except ValidationError as err:
         probs = []
         for e in err.errors():
-            loc = tuple(e["loc"])
+            # rules checked on the whole entry have no location: report them on the field to fill in
+            loc = _RULE_FIELD.get(e["type"], tuple(e["loc"]))
+            if len(loc) > 1 and loc[-1] in ("float", "int"):  # a number field's union members: one problem
+                loc = loc[:-1]
+                if e["type"] == "int_type" or e["type"] == "int_parsing":
+                    continue
             field = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
             probs.append(Problem(shown, _line_of(node, loc), field or "entry", _message(e)))
         return None, node, probs
@@ -130,10 +159,13 @@ def _exists_dotted(path: str) -> bool:
 
 
 def load_entries(paths: Iterable[Path] | None = None, *, check_links: bool = True,
-                 known_ids: Optional[set[str]] = None) -> tuple[list[Entry], list[Problem]]:
-    """Validate the given files (default: all of taxonomy/). Returns (valid entries, problems)."""
+                 known_ids: Optional[set[str]] = None, warnings: bool = False) -> tuple[list[Entry], list[Problem]]:
+    """Validate the given files (default: all of taxonomy/). Returns (valid entries, problems).
+
+    With `warnings=True` the problems also hold warning-level ones (`level == "warning"`), after the errors.
+    """
     paths = list(paths) if paths is not None else entry_files()
-    root = project_root()
+    root, packaged = project_root(), is_packaged()  # an installed wheel carries the taxonomy, not the notebooks
     entries, nodes, problems = [], {}, []
     for p in paths:
         shown = _shown(Path(p))
@@ -173,9 +205,17 @@ def load_entries(paths: Iterable[Path] | None = None, *, check_links: bool = Tru
             if e.implementation and not _exists_dotted(e.implementation):
                 problems.append(Problem(shown, _line_of(nodes[shown], ("implementation",)), "implementation",
                                         f"{e.implementation!r} cannot be imported"))
-            if e.notebook and not (root / e.notebook).is_file():
+            if e.notebook and not packaged and not (root / e.notebook).is_file():
                 problems.append(Problem(shown, _line_of(nodes[shown], ("notebook",)), "notebook",
                                         f"{e.notebook!r} does not exist"))
+    if warnings:
+        for shown, e in entries:
+            for i, r in enumerate(e.reported_results):
+                if _FROM_TABLE.match(r.source) and r.paper_version is None:
+                    problems.append(Problem(shown, _line_of(nodes[shown], ("reported_results", i, "source")),
+                                            f"reported_results[{i}].paper_version",
+                                            f"{r.source!r} can change between arXiv versions: state the version the "
+                                            "number was read from (paper_version: v1, v2, ...)", level="warning"))
     return [e for _, e in entries], problems
 
 
