@@ -11,14 +11,15 @@
 # **What you will learn:** heads differ: some concentrate their attention on a few tokens, others spread it.
 # Ada-KV (Feng et al., arXiv 2407.11550) keeps the same number of tokens per layer as uniform eviction but
 # chooses them by one top-k over all heads' scores, so concentrated heads give slots to spread-out ones; a
-# safeguard keeps at least $\alpha b$ tokens per head. It wraps any scorer: `AdaKV(scorer=SnapKV())` is
-# Ada-SnapKV. We measure how much of the window's attention each allocation retains, how uneven the heads
+# safeguard keeps the window and $\lfloor\alpha (b - w)\rfloor$ more tokens per head (the official code). It is a head
+# policy any scorer takes: `AdaKV()` is `SnapKV(heads="adaptive")`, and `KNorm(heads="adaptive")` is Ada-KNorm.
+# We measure how much of the window's attention each allocation retains, how uneven the heads
 # become, and what that costs in memory with a padded layout versus a varlen one.
 #
-# Per layer with $H$ heads and average budget $b$ (Algorithm 1, with kvpress's safeguard):
+# Per layer with $H$ heads and average budget $b$ (Algorithm 1, with the official code's safeguard):
 #
 # $$\mathcal K = \operatorname{top}_{H b}\Big(\textstyle\bigcup_h \{(h, j): s_{h,j}\}\Big)
-# \ \text{ after lifting each head's top } \lfloor \alpha b \rfloor,\qquad b_h = |\{j : (h, j) \in \mathcal K\}|.$$
+# \ \text{ after lifting each head's top } w + \lfloor \alpha (b - w) \rfloor,\qquad b_h = |\{j : (h, j) \in \mathcal K\}|.$$
 
 # %%
 import matplotlib.pyplot as plt
@@ -27,9 +28,10 @@ import torch
 from reference_impls import load_model
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import AdaKV
-from reference_impls.eviction.adakv import adakv_counts
+from reference_impls.eviction.policies import adakv_counts
 from reference_impls.eviction.snapkv import snapkv_scores
-from reference_impls.integration import build_prompt, cache_from_record, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import cache_from_record, record_prefill
 
 model, tok = load_model()
 L = model.config.num_hidden_layers

@@ -32,15 +32,16 @@ import torch
 from matplotlib.colors import ListedColormap
 
 from reference_impls import load_model
-from reference_impls.base import attention_probs
+from reference_impls.base import Model, attention_probs
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import FastGen
 from reference_impls.eviction.fastgen import POLICIES, fastgen_policy, fastgen_profile, fastgen_threshold
-from reference_impls.integration import build_prompt, cache_from_record, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import cache_from_record, record_prefill
 
 model, tok = load_model()
 L, H_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
-base = FastGen().with_tokenizer(tok)
+base = FastGen().new_layer(0, Model(tokenizer=tok)).method  # the token classes a cache with this tokenizer uses
 print(f"{len(base.special_ids)} special and {len(base.punct_ids)} punctuation ids in the vocabulary")
 
 # %% [markdown]
@@ -59,7 +60,7 @@ special_at = {j for j in range(T) if int(ids[j]) in base.special_ids}
 punct_at = {j for j in range(T) if int(ids[j]) in base.punct_ids}
 print(f"{T} tokens: {len(special_at)} special, {len(punct_at)} punctuation")
 for ratio in (1.5, 2, 4, 8):
-    cache = cache_from_record(model, FastGen(ratio=ratio).with_tokenizer(tok), rec)
+    cache = cache_from_record(model, FastGen(ratio=ratio), rec, tok)
     b = round(T / ratio)
     per_head = []
     for layer in cache.layers:

@@ -24,8 +24,10 @@ import matplotlib.pyplot as plt
 import torch
 
 from reference_impls import Full, KVCache, load_model
+from reference_impls.base import Model, Step
 from reference_impls.data import passkey_samples
-from reference_impls.integration import build_prompt, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import record_prefill
 from reference_impls.quantization import FlexGen
 
 model, tok = load_model()
@@ -59,9 +61,9 @@ rec = record_prefill(model, ctx)
 def measure(bits, group):
     err_k = err_v = held = full_bytes = 0.0
     for i, (k, v) in enumerate(zip(rec.keys, rec.values)):
-        store = FlexGen(bits=bits, group_size=group).new_layer(i, 30)
-        store.append(k.half(), v.half())
-        store.after_attention(None)
+        store = FlexGen(bits=bits, group_size=group).new_layer(i, Model(num_layers=30))
+        kk, vv, _ = store.append(k.half(), v.half())
+        store.after_attention(Step.dense(kk, kk, vv, layer_idx=i))  # a prefill of these states
         kh, vh, _ = store.append(k[:, :, :0].half(), v[:, :, :0].half())  # read back the de-quantized cache
         err_k += ((kh.float() - k).norm() / k.norm()).item() / 30
         err_v += ((vh.float() - v).norm() / v.norm()).item() / 30

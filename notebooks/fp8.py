@@ -24,8 +24,10 @@ import matplotlib.pyplot as plt
 import torch
 
 from reference_impls import Full, KVCache, load_model
+from reference_impls.base import Model, Step
 from reference_impls.data import passkey_samples
-from reference_impls.integration import build_prompt, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import record_prefill
 from reference_impls.quantization import FP8
 
 model, tok = load_model()
@@ -58,9 +60,9 @@ for fmt in ("e4m3", "e5m2"):
     for gran in ("tensor", "head"):
         ek, ev, held, full_bytes = [], [], 0, 0
         for i, (k, v) in enumerate(zip(rec.keys, rec.values)):
-            store = FP8(fmt=fmt, granularity=gran).new_layer(i, 30)
-            store.append(k.half(), v.half())
-            store.after_attention(None)
+            store = FP8(fmt=fmt, granularity=gran).new_layer(i, Model(num_layers=30))
+            kk, vv, _ = store.append(k.half(), v.half())
+            store.after_attention(Step.dense(kk, kk, vv, layer_idx=i))  # a prefill of these states
             kh, vh, _ = store.append(k[:, :, :0].half(), v[:, :, :0].half())
             ek.append(((kh.float() - k).norm() / k.norm()).item())
             ev.append(((vh.float() - v).norm() / v.norm()).item())

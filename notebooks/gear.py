@@ -27,10 +27,11 @@ import matplotlib.pyplot as plt
 import torch
 
 from reference_impls import Full, load_model
-from reference_impls.base import Step
+from reference_impls.base import Model, Step
 from reference_impls.data import passkey_samples
 from reference_impls.evaluate import evaluate, summarize
-from reference_impls.integration import build_prompt, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import record_prefill
 from reference_impls.quantization.gear import GEAR, gear_decompose, gear_reconstruct
 
 model, tok = load_model()
@@ -48,11 +49,9 @@ K = rec.keys[12]
 q, out, S, A, Bt = gear_decompose(K, bits=2, group_size=64, dim=2, rank=4, outlier_frac=0.02)
 print("outlier fraction:", round(float(out.float().mean()), 4), "| exact on outliers:",
       torch.allclose((q.dequantize() + S)[out], K[out], atol=1e-6))
-store = GEAR(bits=2, rank=4).new_layer(12, 30)
+store = GEAR(bits=2, rank=4).new_layer(12, Model(num_layers=30))
 store.append(K, rec.values[12])
-store.after_attention(Step(queries=rec.queries[12], keys=K, values=rec.values[12], slots=None, mask=None,
-                           valid=torch.ones(K.shape[:3], dtype=torch.bool), scaling=rec.scaling, compress=True,
-                           layer_idx=12, num_layers=30, seen=K.shape[2]))
+store.after_attention(Step.dense(rec.queries[12], K, rec.values[12], scaling=rec.scaling, layer_idx=12))
 keys, _, _ = store.append(K[:, :, :1], rec.values[12][:, :, :1])
 print("store == D + S + L:", torch.allclose(keys[:, :, :-1], gear_reconstruct(q, S, A, Bt), atol=1e-5))
 print(f"bytes held {store.nbytes():,} vs {2 * K.numel() * 4 + 2 * K[:, :, :1].numel() * 4:,} fp32")

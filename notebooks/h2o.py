@@ -30,8 +30,8 @@ from reference_impls.base import attention_probs
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import H2O
 from reference_impls.eviction.h2o import h2o_accumulate
-from reference_impls.integration import record_prefill
-from reference_impls.report import decode_keeps_memory_flat
+from reference_impls.replay import record_prefill
+from reference_impls.report import decode_memory
 
 model, tok = load_model()
 
@@ -40,7 +40,9 @@ model, tok = load_model()
 # Budget 20 (10 heavy + 10 recent) on a 200-token prompt; then 5 decoded tokens, each evicting one token.
 
 # %%
-cache, kept = decode_keeps_memory_flat(model, H2O(budget=20))
+cache, kept, held = decode_memory(model, H2O(budget=20))
+assert len(set(held)) == 1, "memory grew while decoding"
+print(f"bytes held {held[-1]:,} (constant over {len(held) - 1} decoded tokens) vs full {cache.full_nbytes():,}")
 print("layer 7, head 0 after prefill:", kept[0][7][0, 0].tolist())
 print("after 5 decoded tokens:     ", kept[-1][7][0, 0].tolist())
 assert kept[0][7].shape[-1] == 20 and kept[0][7][0, 0, -10:].tolist() == list(range(190, 200))

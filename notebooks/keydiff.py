@@ -26,7 +26,8 @@ from reference_impls.data import passkey_samples
 from reference_impls.eviction import KeyDiff
 from reference_impls.eviction.keydiff import keydiff_scores
 from reference_impls.eviction.snapkv import snapkv_scores
-from reference_impls.integration import build_prompt, cache_from_record, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import cache_from_record, record_prefill
 
 model, tok = load_model()
 L = model.config.num_hidden_layers

@@ -30,10 +30,11 @@ import matplotlib.pyplot as plt
 import torch
 
 from reference_impls import KVCache, load_model
-from reference_impls.base import Step, attention_probs
+from reference_impls.base import Model, Step, attention_probs
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import H2O, Keyformer
-from reference_impls.integration import build_prompt, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import record_prefill
 
 model, tok = load_model()
 
@@ -94,11 +95,9 @@ variants = {"accumulated attention": dict(gumbel=False, tau_end=1.0), "Keyformer
 def compress(method, layer):
     """(H_kv, b) tokens the method's store keeps in `layer` after the recorded prefill."""
     k, v = rec.keys[layer], rec.values[layer]
-    store = method.new_layer(layer, L)
+    store = method.new_layer(layer, Model(num_layers=L))
     store.append(k, v)
-    store.after_attention(Step(queries=rec.queries[layer], keys=k, values=v, slots=None, mask=None,
-                               valid=torch.ones(k.shape[:3], dtype=torch.bool), scaling=rec.scaling, compress=True,
-                               layer_idx=layer, num_layers=L, seen=T))
+    store.after_attention(Step.dense(rec.queries[layer], k, v, scaling=rec.scaling, layer_idx=layer))
     return store.kept_slots()[0]
 
 

@@ -27,8 +27,10 @@ import matplotlib.pyplot as plt
 import torch
 
 from reference_impls import Full, KVCache, load_model
+from reference_impls.base import Model, Step
 from reference_impls.data import passkey_samples
-from reference_impls.integration import build_prompt, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import record_prefill
 from reference_impls.quantization import KIVI, choose_qparams, dequantize, quantize
 from reference_impls.quantization.kivi import kivi_split
 
@@ -42,17 +44,17 @@ model, tok = load_model()
 
 # %%
 method = KIVI(bits=2, group_size=32, residual_length=128)
-store = method.new_layer(0, 1)
+store = method.new_layer(0, Model())
 k, v = torch.randn(1, 3, 384, 64).half(), torch.randn(1, 3, 384, 64).half()
-store.append(k[:, :, :300], v[:, :, :300])
-store.after_attention(None)  # KIVI reads nothing from the step
-print("after prefill: quantized keys", store.kq.shape[2], "fp keys", store.k.shape[2],
-      "| quantized values", store.vq.shape[2], "fp values", store.v.shape[2])
-assert (store.kq.shape[2], store.k.shape[2], store.vq.shape[2], store.v.shape[2]) == (256, 44, 172, 128)
+kk, vv, _ = store.append(k[:, :, :300], v[:, :, :300])
+store.after_attention(Step.dense(kk, kk, vv))  # KIVI reads nothing from the step but its flags
+print("after prefill: quantized keys", store.held_k, "fp keys", store.k.shape[2],
+      "| quantized values", store.held_v, "fp values", store.v.shape[2])
+assert (store.held_k, store.k.shape[2], store.held_v, store.v.shape[2]) == (256, 44, 172, 128)
 for t in range(300, 384):
-    store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
-    store.after_attention(None)
-print("after 84 decoded tokens:", store.kq.shape[2], store.k.shape[2], store.vq.shape[2], store.v.shape[2],
+    kk, vv, _ = store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    store.after_attention(Step.dense(kk[:, :, -1:], kk, vv, compress=False))
+print("after 84 decoded tokens:", store.held_k, store.k.shape[2], store.held_v, store.v.shape[2],
       "| kivi_split(384) =", kivi_split(384, group_size=32, residual_length=128))
 
 ids = torch.randint(100, 5000, (1, 300))

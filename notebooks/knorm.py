@@ -25,7 +25,7 @@ from reference_impls.base import attention_probs
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import KNorm
 from reference_impls.eviction.knorm import knorm_scores
-from reference_impls.integration import record_prefill
+from reference_impls.replay import record_prefill
 
 model, tok = load_model()
 

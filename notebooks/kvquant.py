@@ -30,9 +30,10 @@ import matplotlib.pyplot as plt
 import torch
 
 from reference_impls import Full, KVCache, load_model
-from reference_impls.base import Step
+from reference_impls.base import Model, Step
 from reference_impls.data import passkey_samples
-from reference_impls.integration import build_prompt, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import record_prefill
 from reference_impls.quantization import choose_qparams, dequantize, quantize
 from reference_impls.quantization.kvquant import KVQuant, apply_rope, kvquant_fake, rope_cos_sin
 
@@ -52,11 +53,9 @@ g = torch.Generator().manual_seed(0)
 pre, v = torch.randn(1, 2, 201, 64, generator=g), torch.randn(1, 2, 201, 64, generator=g)
 pre[..., 7] *= 10
 cos, sin = rope_cos_sin(torch.arange(201), 64, THETA)
-store = KVQuant(bits=3).new_layer(0, 1)
+store = KVQuant(bits=3).new_layer(0, Model(rope=lambda positions: rope_cos_sin(positions, 64, THETA)))
 kk, vv, _ = store.append(apply_rope(pre[:, :, :200], cos[:200], sin[:200]), v[:, :, :200])
-store.after_attention(Step(queries=torch.zeros(1, 2, 200, 64), keys=kk, values=vv, slots=None, mask=None,
-                           valid=torch.ones(1, 2, 200, dtype=torch.bool), scaling=0.125, compress=True, layer_idx=0,
-                           num_layers=1, seen=200, rope=lambda positions: rope_cos_sin(positions, 64, THETA)))
+store.after_attention(Step.dense(torch.zeros(1, 2, 200, 64), kk, vv, scaling=0.125))
 keys, values, _ = store.append(apply_rope(pre[:, :, 200:], cos[200:], sin[200:]), v[:, :, 200:])
 back = apply_rope(keys, cos, sin, inverse=True)[:, :, :200]
 ref, out, levels = kvquant_fake(pre[:, :, 1:200], bits=3, outlier_frac=0.01, dim=2)

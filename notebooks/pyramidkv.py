@@ -11,8 +11,8 @@
 # **What you will learn:** PyramidKV (Cai et al., arXiv 2406.02069) notices that attention spreads widely in
 # the lower layers and funnels onto a few tokens in the upper layers ("pyramidal information funneling"), so
 # it gives the lower layers larger budgets and the upper layers smaller ones, with the same total. Here it is
-# a wrapper: `PyramidKV(scorer=SnapKV())` changes only the per-layer budget; the scorer still chooses which
-# tokens. We check the schedule, measure the funneling on SmolLM2-135M and read the accuracy sweep.
+# a layer policy: `PyramidKV()` is `SnapKV(layers="pyramid")`; the policy changes only the per-layer budget and
+# the scorer still chooses which tokens (any scorer takes it: `KNorm(layers="pyramid")`). We check the schedule, measure the funneling on SmolLM2-135M and read the accuracy sweep.
 #
 # With average budget $b$, window $w$ and $L$ layers (Section 3; `beta` from the official code):
 #
@@ -26,8 +26,9 @@ import torch
 from reference_impls import KVCache, load_model
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import PyramidKV, SnapKV
-from reference_impls.eviction.pyramidkv import pyramid_budgets
-from reference_impls.integration import build_prompt, record_prefill
+from reference_impls.eviction.policies import pyramid_budgets
+from reference_impls.generation import build_prompt
+from reference_impls.replay import record_prefill
 from reference_impls.base import attention_probs
 
 model, tok = load_model()
@@ -38,7 +39,7 @@ L = model.config.num_hidden_layers
 
 # %%
 ids = torch.randint(100, 5000, (1, 600), generator=torch.Generator().manual_seed(0))
-cache = KVCache(model, PyramidKV(ratio=4, scorer=SnapKV(window=32)))
+cache = KVCache(model, PyramidKV(ratio=4, window=32))
 with torch.no_grad():
     model(ids, cache=cache)
 kept = [layer.store.kept_slots().shape[-1] for layer in cache.layers]

@@ -31,7 +31,8 @@ import torch
 from reference_impls import Full, load_model
 from reference_impls.data import passkey_samples
 from reference_impls.evaluate import evaluate, summarize
-from reference_impls.integration import build_prompt, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import record_prefill
 from reference_impls.quantization.qjl import QJL, qjl_dequantize, qjl_projection, qjl_quantize, qjl_scores
 
 model, tok = load_model()

@@ -32,8 +32,8 @@ from reference_impls.base import attention_probs
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import Scissorhands
 from reference_impls.eviction.scissorhands import unimportant_votes, window_counts
-from reference_impls.integration import record_prefill
-from reference_impls.report import decode_keeps_memory_flat
+from reference_impls.replay import record_prefill
+from reference_impls.report import decode_memory
 
 model, tok = load_model()
 
@@ -42,7 +42,9 @@ model, tok = load_model()
 # Budget 20 (recent window 5, history window 100) on a 200-token prompt; then 5 decoded tokens, each evicting one.
 
 # %%
-cache, kept = decode_keeps_memory_flat(model, Scissorhands(budget=20, recent_window=5))
+cache, kept, held = decode_memory(model, Scissorhands(budget=20, recent_window=5))
+assert len(set(held)) == 1, "memory grew while decoding"
+print(f"bytes held {held[-1]:,} (constant over {len(held) - 1} decoded tokens) vs full {cache.full_nbytes():,}")
 print("layer 7, KV head 0 after prefill:", kept[0][7][0, 0].tolist())
 print("after 5 decoded tokens:          ", kept[-1][7][0, 0].tolist())
 print("  unimportant votes of the kept:  ", window_counts(cache.layers[7].store.history)[0, 0].tolist())

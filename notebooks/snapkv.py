@@ -30,7 +30,8 @@ from reference_impls import Full, KVCache, load_model
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import SnapKV
 from reference_impls.eviction.snapkv import snapkv_scores
-from reference_impls.integration import _eos_ids, build_prompt, cache_from_record, greedy_generate, record_prefill
+from reference_impls.generation import eos_ids, build_prompt, greedy_generate
+from reference_impls.replay import cache_from_record, record_prefill
 
 model, tok = load_model()
 
@@ -63,7 +64,7 @@ for i in (0, 15, 29):
 
 # %%
 samples = passkey_samples(3, 1000, seed=11, tokenizer=tok, depths=[0.2, 0.5, 0.8])
-eos = _eos_ids(model, tok)
+eos = eos_ids(model, tok)
 W, FRAC = 32, 0.10
 L = model.config.num_hidden_layers
 overlap = {"question window": torch.zeros(L), "context window": torch.zeros(L)}

@@ -22,7 +22,7 @@ import torch
 
 from reference_impls import KVCache, StreamingLLM, load_model
 from reference_impls.base import attention_probs
-from reference_impls.integration import record_prefill
+from reference_impls.replay import record_prefill
 from reference_impls.data import passkey_samples
 
 model, tok = load_model()

@@ -25,8 +25,8 @@ import torch
 from reference_impls import load_model
 from reference_impls.data import passkey_samples
 from reference_impls.eviction import TOVA
-from reference_impls.integration import cache_from_record, record_prefill
-from reference_impls.report import decode_keeps_memory_flat
+from reference_impls.replay import cache_from_record, record_prefill
+from reference_impls.report import decode_memory
 
 model, tok = load_model()
 
@@ -36,7 +36,9 @@ model, tok = load_model()
 # bytes held stay constant while decoding.
 
 # %%
-cache, kept = decode_keeps_memory_flat(model, TOVA(budget=24))
+cache, kept, held = decode_memory(model, TOVA(budget=24))
+assert len(set(held)) == 1, "memory grew while decoding"
+print(f"bytes held {held[-1]:,} (constant over {len(held) - 1} decoded tokens) vs full {cache.full_nbytes():,}")
 k0 = kept[0][7][0]  # layer 7 after prefill, (H_kv, 24)
 assert k0.shape[-1] == 24 and all(torch.equal(k0[0], k0[h]) for h in range(k0.shape[0]))
 print("layer 7 after prefill:", k0[0].tolist())

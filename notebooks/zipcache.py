@@ -29,7 +29,8 @@ from reference_impls import Full, load_model
 from reference_impls.base import attention_probs
 from reference_impls.data import passkey_samples
 from reference_impls.evaluate import evaluate, summarize
-from reference_impls.integration import build_prompt, record_prefill
+from reference_impls.generation import build_prompt
+from reference_impls.replay import record_prefill
 from reference_impls.quantization.zipcache import ZipCache, normalized_attention, zipcache_dequantize, zipcache_quantize
 
 model, tok = load_model()
