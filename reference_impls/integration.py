@@ -253,15 +253,14 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scaling: floa
     B, H, q_len, D = q.shape
     H_kv, T = k.shape[1], k.shape[2]
     G = H // H_kv
-    if q_len == 1:
-        qg = q.view(B, H_kv, G, D)  # the G heads of a group are G queries of one KV head
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)  # mask (B, H_kv, 1, T) broadcasts
+    if mask is None and q_len in (1, T):  # every key visible (one query) or causal by shape: SDPA's own GQA
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=scaling, enable_gqa=G > 1)
+        return out.transpose(1, 2).contiguous()
+    if q_len == 1:  # masked (holes, padding): the G heads of a group are G queries of one KV head
+        out = F.scaled_dot_product_attention(q.view(B, H_kv, G, D), k, v, attn_mask=mask, scale=scaling)
         return out.view(B, 1, H, D)
-    if mask is None:
-        if q_len == T:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=G > 1)
-            return out.transpose(1, 2).contiguous()
-        mask = torch.ones(q_len, T, dtype=torch.bool, device=q.device).tril(T - q_len)[None, None]  # later chunk
+    if mask is None:  # a later chunk of a dense cache: causal with an offset
+        mask = torch.ones(q_len, T, dtype=torch.bool, device=q.device).tril(T - q_len)[None, None]
     mask = repeat_kv(mask, G)
     out = F.scaled_dot_product_attention(q, repeat_kv(k, G), repeat_kv(v, G), attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous()
