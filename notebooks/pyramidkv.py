@@ -25,7 +25,7 @@ import torch
 
 from reference_impls import KVCache, load_model
 from reference_impls.data import passkey_samples
-from reference_impls.eviction import PyramidKV, SnapKV
+from reference_impls.eviction import PyramidKV
 from reference_impls.eviction.policies import pyramid_budgets
 from reference_impls.generation import build_prompt
 from reference_impls.replay import record_prefill

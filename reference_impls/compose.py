@@ -62,9 +62,8 @@ class ComposedStore(LayerStore):
         self.q: QuantizedStore = make_quant()
 
     def append(self, k: Tensor, v: Tensor):
-        held = self.ev.k is not None or self.ev.seen > 0
         kk, vv, _ = self.q.append(k, v)  # the held tokens as the quantizer gives them back, then the new ones
-        if held:
+        if self.ev.seen:
             self.ev.k, self.ev.v = kk[:, :, : kk.shape[2] - k.shape[2]], vv[:, :, : vv.shape[2] - v.shape[2]]
         return self.ev.append(k, v)
 

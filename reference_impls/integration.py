@@ -115,7 +115,6 @@ class KVCache(Cache):
         self.compress_next = True
         self.since_compress = -1  # forward passes since the compressing pass (Step.since_compress)
         self.pad_valid: Optional[Tensor] = None  # (B, seen) bool, like the 2D attention mask; None while no padding
-        self.seen = 0
         self.token_ids: Optional[Tensor] = None  # (B, seen) int64; None once a pass came without ids
         self._ids_known = True
         self.compressed_at: Optional[int] = None  # tokens seen when the armed pass ended
@@ -168,12 +167,13 @@ class KVCache(Cache):
     # called by the attention function -------------------------------------------------------------
     def _begin_pass(self, hf_mask: Optional[Tensor], B: int, q_len: int, device) -> None:
         """Layer 0 of a forward pass: extend the padding record, the ids and the query positions."""
-        self._extend_padding(hf_mask, B, q_len, device)
+        seen = self.layers[0].seen  # this pass's tokens included
+        self._extend_padding(hf_mask, B, q_len, seen, device)
         self._extend_ids(getattr(_active, "ids", None), B, q_len)
         self.since_compress = 0 if self.compress_next else self.since_compress + (self.since_compress >= 0)
         if self.pad_valid is None:
             self._slot_pos = None
-            self._q_positions = torch.arange(self.seen - q_len, self.seen, device=device).expand(B, q_len)
+            self._q_positions = torch.arange(seen - q_len, seen, device=device).expand(B, q_len)
         else:
             pos = self.pad_valid.long().cumsum(-1) - 1
             self._slot_pos = pos.masked_fill(~self.pad_valid, -1)
@@ -209,8 +209,7 @@ class KVCache(Cache):
             self.compressed_at = layer.seen
         return out
 
-    def _extend_padding(self, hf_mask: Optional[Tensor], B: int, q_len: int, device) -> None:
-        self.seen += q_len
+    def _extend_padding(self, hf_mask: Optional[Tensor], B: int, q_len: int, seen: int, device) -> None:
         if hf_mask is None or hf_mask.dtype != torch.bool:
             new = None
         else:  # the last query is a real token under left padding; its row tells which new keys are real
@@ -221,7 +220,7 @@ class KVCache(Cache):
         if new is None:
             new = torch.ones(B, q_len, dtype=torch.bool, device=device)
         if self.pad_valid is None:
-            self.pad_valid = torch.ones(B, self.seen - q_len, dtype=torch.bool, device=device)
+            self.pad_valid = torch.ones(B, seen - q_len, dtype=torch.bool, device=device)
         self.pad_valid = torch.cat([self.pad_valid, new], dim=1)
 
     def _extend_ids(self, ids: Optional[Tensor], B: int, q_len: int) -> None:

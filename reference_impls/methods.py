@@ -93,12 +93,13 @@ def parse_method(spec: str) -> list[tuple[str, dict]]:
     return parts
 
 
-def _fixed_ratio(method: KVMethod, knobs: dict) -> float | None:
+def _fixed_ratio(mid: str, knobs: dict) -> float | None:
     """The ratio a part's own knobs already fix, or None when the target ratio should configure it."""
     if not knobs:
         return None
     if "ratio" in knobs:
         return float(knobs["ratio"])
+    method = method_class(mid)(**knobs)
     if hasattr(method, "nominal_ratio"):
         return method.nominal_ratio()
     return 1.0  # e.g. an absolute budget: its ratio depends on the prompt, so it takes no share of the target
@@ -114,7 +115,7 @@ def make_method(spec: str, ratio: float = 1.0) -> KVMethod:
     if len(parts) == 1:
         mid, knobs = parts[0]
         return method_class(mid).from_ratio(ratio, **knobs)
-    fixed = [_fixed_ratio(method_class(m)(**k), k) if k else None for m, k in parts]
+    fixed = [_fixed_ratio(m, k) for m, k in parts]
     unset = sum(f is None for f in fixed)
     share = (ratio / math.prod(f for f in fixed if f is not None)) ** (1 / unset) if unset else 1.0
     made = [method_class(m).from_ratio(max(share, 1.0), **k) for m, k in parts]

@@ -79,7 +79,7 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord, tokenizer=
     """The cache `method` would hold after a live prefill: each store gets the same append and step."""
     cache = KVCache(model, method, tokenizer)
     T = record.keys[0].shape[2]
-    cache.token_ids, cache.seen = record.input_ids, T
+    cache.token_ids = record.input_ids
     for i, layer in enumerate(cache.layers):
         k, v = record.keys[i], record.values[i]
         kk, vv, _ = layer.store.append(k, v)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reference_impls import Compose, Full, KVCache
-from reference_impls.eviction import EvictionMethod, KNorm, SnapKV
+from reference_impls.eviction import EvictionMethod, SnapKV
 from reference_impls.eviction.policies import Adaptive, Pyramid, Threshold, Uniform, pyramid_budgets
 from reference_impls.generation import greedy_generate
 from reference_impls.methods import implemented_methods, make_method, method_class

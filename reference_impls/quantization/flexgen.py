@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
-
-import torch
 from torch import Tensor
 
 from reference_impls.quantization.primitives import QuantizedTensor

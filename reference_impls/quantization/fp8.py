@@ -18,8 +18,6 @@ keeps one scale per KV head (vLLM's per-attention-head scheme, k/v_scale = [num_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 from torch import Tensor
 

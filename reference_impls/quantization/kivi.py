@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from reference_impls.base import Step

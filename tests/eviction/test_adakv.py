@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reference_impls import KVCache
-from reference_impls.eviction import AdaKV, KNorm, SnapKV
+from reference_impls.eviction import AdaKV, KNorm
 from reference_impls.eviction.policies import Adaptive, adakv_counts
 from reference_impls.models import tiny_llama
 

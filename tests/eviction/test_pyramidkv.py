@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reference_impls import KVCache
-from reference_impls.eviction import PyramidKV, SnapKV, StreamingLLM
+from reference_impls.eviction import PyramidKV, StreamingLLM
 from reference_impls.eviction.policies import Pyramid, pyramid_budgets
 from reference_impls.models import tiny_llama
 
