@@ -115,6 +115,12 @@ def check_home(v: Visit):
         assert status == 200, f"{name} ({href}): HTTP {status}"
 
 
+def check_fits(v: Visit):
+    """Nothing widens the page beyond the viewport (wide tables scroll inside their own box)."""
+    over = v.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert over <= 1, f"the page is {over}px wider than the viewport"
+
+
 def check_search(v: Visit):
     page = v.page
     page.click("input.md-search__input")
@@ -205,6 +211,7 @@ def test_home(browser, base):
     for name, kw in (("home-dark", {"dark": True}), ("home-narrow", {"narrow": True})):
         v = Visit(browser, base + "/", **kw)
         check_home(v)
+        check_fits(v)
         v.close(name)
 
 
@@ -220,6 +227,7 @@ def test_entry_page(browser, base):
         check_equation(v)
         check_bibtex(v)
         check_measured(v)
+        check_fits(v)
         v.close(name)
 
 
