@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             print(f"{n:20s} {state(n)}")
         return 0
+    # the kernels import this checkout's package, whatever is installed, so that its files are in the key
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    os.environ.setdefault("KVATLAS_ROOT", str(ROOT))
     todo = [n for n in names if args.force or state(n) != "up to date"]
     print(f"notebooks: {len(names) - len(todo)} up to date, {len(todo)} to execute", flush=True)
     if todo:
