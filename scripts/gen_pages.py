@@ -4,7 +4,7 @@ Pages: the taxonomy browser (family diagram + faceted, sortable table), one page
 entry (axes, the paper's results beside this atlas's measured ones, BibTeX), the compare page, the
 vocabulary, the two seeds' crosswalk, the leaderboard from results/, the API reference (one page per module),
 the notebooks (their executed copies from notebooks/executed/, see scripts/execute_notebooks.py), the
-downloads (atlas.json, atlas.csv, atlas.bib), SUMMARY.md, and pages.json: every page this build must have,
+downloads (atlas.json, atlas.csv, atlas.bib), the nav (nav.txt, for literate-nav), and pages.json: every page this build must have,
 which scripts/check_site.py compares with the built site.
 
 KVATLAS_EXECUTE_NOTEBOOKS=false: a quick layout build; a notebook whose executed copy is stale or missing is
@@ -487,6 +487,6 @@ nav["Contributing"] = "contributing.md"
 with mkdocs_gen_files.open("pages.json", "w") as f:
     json.dump({"entries": len(entries), "pages": sorted(pages)}, f, indent=1)
 
-with mkdocs_gen_files.open("SUMMARY.md", "w") as f:
+with mkdocs_gen_files.open("nav.txt", "w") as f:
     f.write("* [Home](index.md)\n")
     f.writelines(nav.build_literate_nav())
