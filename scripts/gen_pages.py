@@ -464,9 +464,26 @@ write("leaderboard.md", "\n".join(lb))
 nav["Leaderboard"] = "leaderboard.md"
 
 # ---------------------------------------------------------------------------------------------------- notebooks
+def notebook_page(name: str, page: str) -> str:
+    """The notebook as the site shows it, with a note under its title on where its outputs come from."""
+    if page.endswith(".py"):  # quick build, stale or missing executed copy: the source, without outputs
+        text = execute_notebooks.source_of(name).read_text(encoding="utf-8")
+        note = ("# %% [markdown]\n# **Shown without outputs.** This layout build shows the notebook's source only: "
+                "its executed copy is stale or missing (`make notebooks`).\n\n")
+        head, sep, rest = text.partition("\n# %%")  # after the jupytext header, before the first cell
+        first, sep2, others = rest.partition("\n# %%")
+        return head + sep + first + "\n" + note + sep2.lstrip("\n") + others if sep2 else text
+    nb = json.loads(execute_notebooks.executed_of(name).read_text(encoding="utf-8"))
+    meta = nb["metadata"]["kvatlas"]
+    note = (f"<small>Outputs as executed by `make notebooks` on the embedded model, checked in with the code "
+            f"(`notebooks/executed/{name}.ipynb`). They are up to date with `{meta['source']}` and the "
+            f"{len(meta['inputs'])} files it read: " + ", ".join(f"`{i}`" for i in meta["inputs"]) + ".</small>")
+    nb["cells"].insert(1, {"cell_type": "markdown", "id": "kvatlas-provenance", "metadata": {}, "source": note})
+    return json.dumps(nb, indent=1, ensure_ascii=False)
+
+
 for name, page in notebook_file.items():
-    src = execute_notebooks.executed_of(name) if page.endswith(".ipynb") else execute_notebooks.source_of(name)
-    write(page, src.read_text(encoding="utf-8"), edit=f"notebooks/{name}.py")
+    write(page, notebook_page(name, page), edit=f"notebooks/{name}.py")
     nav["Notebooks", name] = page
 
 # ---------------------------------------------------------------------------------------------------- API
