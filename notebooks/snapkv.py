@@ -36,7 +36,7 @@ from reference_impls.replay import cache_from_record, record_prefill
 model, tok = load_model()
 
 # %% [markdown]
-# ## A check: every head keeps its window plus `budget - window` voted tokens
+# ## A check: every head keeps its window plus (budget − window) voted tokens
 # Budget 48 with a 16-token window on a 300-token prompt: each layer and KV head holds exactly 48 tokens,
 # the last 16 always among them.
 

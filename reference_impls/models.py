@@ -57,13 +57,20 @@ def load_model(name_or_path: Optional[str] = None, device: Optional[str] = None,
             path, kwargs["gguf_file"] = str(embedded_model_dir()), EMBEDDED_GGUF
     else:
         path = name_or_path
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in notebooks, logs and the site
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if "gguf_file" in kwargs:
+            _save_converted(model, tokenizer)
     except (OSError, ValueError) as err:
         raise ModelNotAvailable(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from err
-    if "gguf_file" in kwargs:
-        _save_converted(model, tokenizer)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

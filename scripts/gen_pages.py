@@ -1,16 +1,24 @@
 """Generate the site's data-driven pages at build time (run by mkdocs-gen-files; see mkdocs.yml).
 
-Pages: the taxonomy browser (family diagram + faceted, sortable table), one page per entry (with its
-BibTeX), the vocabulary, the two seeds' crosswalk, the leaderboard from results/, the API reference (one
-page per module), the notebooks (copied from notebooks/ so mkdocs-jupyter executes them), and SUMMARY.md.
+Pages: the taxonomy browser (family diagram + faceted, sortable table), one page per family, one page per
+entry (axes, the paper's results beside this atlas's measured ones, BibTeX), the compare page, the
+vocabulary, the two seeds' crosswalk, the leaderboard from results/, the API reference (one page per module),
+the notebooks (their executed copies from notebooks/executed/, see scripts/execute_notebooks.py), the
+downloads (atlas.json, atlas.csv, atlas.bib), the nav (nav.txt, for literate-nav), and pages.json: every page this build must have,
+which scripts/check_site.py compares with the built site.
+
+KVATLAS_EXECUTE_NOTEBOOKS=false: a quick layout build; a notebook whose executed copy is stale or missing is
+shown without outputs (the default build fails on one instead: run `make notebooks`).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 import pkgutil
-from collections import Counter
+import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import mkdocs_gen_files
@@ -19,12 +27,16 @@ from reference_impls.atlas.schema import VOCAB
 from reference_impls.atlas.validate import load_entries
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import execute_notebooks  # noqa: E402
+
 entries, problems = load_entries()
 if problems:
     raise SystemExit("taxonomy has problems; run `kvatlas validate`:\n" + "\n".join(map(str, problems)))
 entries.sort(key=lambda e: (e.principle, e.year, e.name.lower()))
 by_id = {e.id: e for e in entries}
 nav = mkdocs_gen_files.Nav()
+pages: list[str] = ["index.md"]  # every page of the site, for pages.json
 
 
 def write(path: str, text: str, edit: str | None = None) -> None:
@@ -32,6 +44,40 @@ def write(path: str, text: str, edit: str | None = None) -> None:
         f.write(text)
     if edit:
         mkdocs_gen_files.set_edit_path(path, edit)
+    if path.endswith((".md", ".ipynb", ".py")):
+        pages.append(path)
+
+
+# ---------------------------------------------------------------------------------------------------- notebooks
+# Which file each notebook page is made from: its executed copy when up to date, else (quick builds only) the
+# source without outputs.
+QUICK = os.environ.get("KVATLAS_EXECUTE_NOTEBOOKS", "true").lower() in ("0", "false", "no")
+notebook_file: dict[str, str] = {}
+for _name in execute_notebooks.all_names():
+    _state = execute_notebooks.state(_name)
+    if _state == "up to date":
+        notebook_file[_name] = f"notebooks/{_name}.ipynb"
+    elif QUICK:
+        notebook_file[_name] = f"notebooks/{_name}.py"
+    else:
+        raise SystemExit(f"notebooks/executed/{_name}.ipynb is {_state}: run `make notebooks` "
+                         f"(or build with KVATLAS_EXECUTE_NOTEBOOKS=false to show it without outputs)")
+
+# ---------------------------------------------------------------------------------------------------- results
+# Every results/<family>/<id>.json: its setup, and each summary row (one per setting x target ratio).
+summary_rows: list[tuple[str, dict]] = []
+configs: dict[str, dict] = {}
+measured: dict[str, list[dict]] = defaultdict(list)  # entry id -> its summary rows
+measured_file: dict[str, str] = {}
+for _path in sorted((ROOT / "results").glob("*/*.json")):
+    _data = json.loads(_path.read_text())
+    _rel = f"{_path.parent.name}/{_path.name}"
+    configs[_rel] = _data.get("config", {})
+    for _s in _data.get("summary", []):
+        summary_rows.append((_path.parent.name, _s))
+        measured[_s["method"]].append(_s)
+        measured_file[_s["method"]] = _rel
+full_accuracy = {s["setting"]: s["accuracy"] for s in measured.get("full", [])}
 
 
 def link(eid: str, prefix: str = "") -> str:
@@ -53,10 +99,12 @@ def family_svg(counts: Counter) -> str:
         x = gap + (i % cols) * (w + gap)
         y = top + (i // cols) * (h + row_gap)
         parts.insert(1, f'<path d="M{width / 2},48 C{width / 2},80 {x + w / 2},70 {x + w / 2},{y}" class="kv-edge"/>')
-        parts.append(f'<a href="#p-{p}"><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" class="kv-node"/>'
+        # xlink:href, not href: Material's instant navigation rewrites every [href], which an SVG <a> refuses
+        opening, closing = (f'<a xlink:href="../families/{p}/">', "</a>") if counts.get(p) else ("<g>", "</g>")
+        parts.append(f'{opening}<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" class="kv-node"/>'
                      f'<text x="{x + w / 2}" y="{y + 21}" text-anchor="middle" class="kv-node-text">{p}</text>'
                      f'<text x="{x + w / 2}" y="{y + 38}" text-anchor="middle" class="kv-node-count">'
-                     f'{counts.get(p, 0)} entries</text></a>')
+                     f'{counts.get(p, 0)} entries</text>{closing}')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -82,11 +130,7 @@ for p, definition in VOCAB["principle"].items():
     mine = [e for e in entries if e.principle == p]
     if mine:
         items = ", ".join(link(e.id) for e in mine)
-        # the family's lineage (builds_on / compared_with by year); from taxonomy/ an entry page is <id>/
-        lineage = lineage_svg(entries, p, href=lambda eid: f"{eid}/")
-        sections.append(f"### {p} {{#p-{p}}}\n\n{definition}\n\n{items}\n\n<details class=\"kv-lineage-box\">"
-                        f"<summary>Lineage: who builds on whom</summary><div style=\"overflow-x:auto\">{lineage}"
-                        f"</div></details>\n")
+        sections.append(f"### {p} {{#p-{p}}}\n\n{definition} [The family's page](../families/{p}.md).\n\n{items}\n")
 write("taxonomy/index.md", f"""# The taxonomy
 
 {len(entries)} methods, {sum(1 for e in entries if e.implementation)} with a tested reference implementation.
@@ -111,6 +155,32 @@ dimension) and sort by clicking a column header.
 nav["Taxonomy"] = "taxonomy/index.md"
 
 # ---------------------------------------------------------------------------------------------------- entries
+def measured_section(e) -> list[str]:
+    """This atlas's own measurements of the method (results/), with units, or why there are none."""
+    rows = sorted(measured.get(e.id, []), key=lambda s: (s["setting"], s["target_ratio"]))
+    out = ["### Measured by this atlas", ""]
+    if not rows:
+        out += ["Not measured yet: " + ("the method has no reference implementation in kvatlas." if not e.implementation
+                else "no results file; run `python scripts/evidence.py --methods " + e.id + "`."), ""]
+        return out
+    cfg = configs.get(measured_file[e.id], {})
+    out += [f"{cfg.get('model', 'the embedded model')}, {cfg.get('samples', '?')} synthetic passkey prompts of "
+            f"~{cfg.get('tokens', '?')} tokens, greedy decoding, batch 1; {cfg.get('machine', '')}. Source: "
+            f"`results/{measured_file[e.id]}`; every method under the same setup on the [leaderboard](../leaderboard.md).",
+            "",
+            "| Setting | Target ratio (×) | Achieved ratio (×, measured bytes) | Passkey accuracy (fraction of prompts) "
+            "| Full cache accuracy | Prefill (s) | Decode (tokens/s) | Prompts |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dec = r.get("decode_tokens_per_s")
+        fa = full_accuracy.get(r["setting"])
+        out.append(f"| {r['setting']} | {r['target_ratio']:g} | {r['achieved_ratio']:.2f} | {r['accuracy']:.2f} | "
+                   f"{'' if fa is None else f'{fa:.2f}'} | {r['prefill_s']:.2f} | "
+                   f"{'' if dec is None else f'{dec:.1f}'} | {r['n']} |")
+    out += ["", "Ratios are full-cache bytes (fp32) over the bytes the compressed cache holds; times are CPU wall "
+            "times of the machine named above.", ""]
+    return out
+
+
 for e in sorted(entries, key=lambda e: (e.principle, e.name.lower())):
     facts = [("Principle", e.principle + (f" (also {', '.join(e.also)})" if e.also else "")),
              ("Compresses", ", ".join(e.dimensions)), ("Training", e.training), ("Phase", e.phase),
@@ -126,21 +196,25 @@ for e in sorted(entries, key=lambda e: (e.principle, e.name.lower())):
              "## Key equation", "", f"$$\n{e.key_equation}\n$$", ""]
     if e.implementation:
         module = e.implementation.rsplit(".", 1)[0]
-        nb = Path(e.notebook).stem
+        nb = notebook_file[Path(e.notebook).stem]
         lines += ["## Reference implementation", "",
                   f"`{e.implementation}` — [API and source](../api/{module}.md), "
-                  f"[notebook](../notebooks/{nb}.py) (executed on the embedded model when this site was built).", "",
+                  f"[notebook](../{nb}) (executed on the embedded model; its outputs are kept with the code).", "",
                   "```python", f"from {module} import {e.implementation.rsplit('.', 1)[1]}", "```", ""]
     else:
         lines += ["## Reference implementation", "", "Not implemented in kvatlas yet "
                   "([contribute one](../contributing.md)).", ""]
+    lines += ["## Results", ""]
     if e.reported_results:
-        lines += ["## Reported results (from the paper)", "",
+        lines += ["### Reported by the paper", "",
                   "| Model | Benchmark | Metric | Setting | Value | Full cache | Source |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r.model} | {r.benchmark} | {r.metric} | {r.compression} | {r.value} | "
                   f"{'' if r.baseline_value is None else r.baseline_value} | {r.source} |" for r in e.reported_results]
-        lines += ["", "These are the paper's own numbers, under its own models, data and hardware; they are not "
-                  "comparable across entries. The [leaderboard](../leaderboard.md) compares methods under one setup.", ""]
+        lines += ["", "The paper's own numbers, under its own models, data and hardware; units are the metric's "
+                  "(as named in the Metric column). Not comparable across entries.", ""]
+    else:
+        lines += ["### Reported by the paper", "", e.no_results_reason or "No results recorded from the paper yet.", ""]
+    lines += measured_section(e)
     if e.builds_on or e.compared_with:
         lines += ["## Related", ""]
         if e.builds_on:
@@ -148,10 +222,89 @@ for e in sorted(entries, key=lambda e: (e.principle, e.name.lower())):
         if e.compared_with:
             lines.append("Compared with: " + ", ".join(link(i) for i in e.compared_with))
         lines.append("")
-    lines += ["## Cite", "", "```bibtex", e.bibtex.strip(), "```", "",
-              f"<small>Source of this page: `taxonomy/{e.id}.yaml` · `kvatlas cite {e.id}`</small>", ""]
+    lines += [f"[Compare {html.escape(e.name)} with other methods](../compare.md?m={e.id})", ""]
+    lines += ["## Cite this entry", "",
+              f"Stable address of this page: `taxonomy/{e.id}/` (the entry's id, `{e.id}`, never changes). "
+              "The paper's BibTeX:", "", "```bibtex", e.bibtex.strip(), "```", "",
+              f"<small>Source of this page: `taxonomy/{e.id}.yaml` · `kvatlas cite {e.id}` · "
+              "all entries: [atlas.bib](../atlas.bib)</small>", ""]
     write(f"taxonomy/{e.id}.md", "\n".join(lines), edit=f"taxonomy/{e.id}.yaml")
     nav["Taxonomy", e.principle, e.name] = f"taxonomy/{e.id}.md"
+
+# ---------------------------------------------------------------------------------------------------- families
+def best_measured(members) -> list[str]:
+    """Per setting and target ratio, the member with the highest passkey accuracy (ties: the smaller cache)."""
+    rows = [(e, r) for e in members for r in measured.get(e.id, [])]
+    if not rows:
+        return ["No member of this family has been measured by the atlas yet.", ""]
+    out = ["| Setting | Target ratio (×) | Best method | Passkey accuracy (fraction) | Achieved ratio (×) |",
+           "|---|---|---|---|---|"]
+    for setting, target in sorted({(r["setting"], r["target_ratio"]) for _, r in rows}):
+        cands = [(e, r) for e, r in rows if r["setting"] == setting and r["target_ratio"] == target]
+        e, r = max(cands, key=lambda c: (c[1]["accuracy"], c[1]["achieved_ratio"]))
+        out.append(f"| {setting} | {target:g} | {link(e.id, '../taxonomy/')} | {r['accuracy']:.2f} | "
+                   f"{r['achieved_ratio']:.2f} |")
+    return out + ["", "Same setup for every method: see the [leaderboard](../leaderboard.md).", ""]
+
+
+for p, definition in VOCAB["principle"].items():
+    primary = [e for e in entries if e.principle == p]
+    if not primary:
+        continue
+    also = [e for e in entries if p in e.also]
+    implemented = [e for e in primary + also if e.implementation]
+    dims = Counter(d for e in primary for d in e.dimensions)
+    train = Counter(e.training for e in primary)
+    fam = [f"# {p}", "", definition, "",
+           f"{len(primary)} entries file this as their principle" + (f", {len(also)} more use it too" if also else "")
+           + f"; {len(implemented)} have a reference implementation in kvatlas. They compress "
+           + ", ".join(f"{d} ({n})" for d, n in dims.most_common()) + "; training: "
+           + ", ".join(f"{t} ({n})" for t, n in train.most_common()) + ".", "",
+           "## Implemented", "",
+           (", ".join(f"{link(e.id, '../taxonomy/')} ([notebook](../{notebook_file[Path(e.notebook).stem]}))"
+                      for e in implemented) or "None yet ([contribute one](../contributing.md))."), "",
+           "## Best measured result", ""] + best_measured(implemented) + [
+           "## Lineage", "", "Who builds on whom (solid) and compares with whom (dashed), by year; greyed: ancestors "
+           "from other families.", "",
+           # raw HTML inside the page at families/<p>/: an entry page is ../../taxonomy/<id>/
+           f'<div style="overflow-x:auto">{lineage_svg(entries, p, href=lambda eid: f"../../taxonomy/{eid}/")}</div>',
+           "",
+           "## Entries", "", "| Method | Year | Venue | Compresses | Training | Implemented |", "|---|---|---|---|---|---|"]
+    fam += [f"| {link(e.id, '../taxonomy/')} | {e.year} | {html.escape(e.venue or '')} | {', '.join(e.dimensions)} | "
+            f"{e.training} | {'yes' if e.implementation else 'no'} |" for e in sorted(primary, key=lambda e: (e.year, e.name))]
+    if also:
+        fam += ["", "Also using this principle: " + ", ".join(link(e.id, "../taxonomy/") for e in also)]
+    write(f"families/{p}.md", "\n".join(fam) + "\n")
+    nav["Taxonomy", p] = f"families/{p}.md"
+
+# ---------------------------------------------------------------------------------------------------- compare
+compare_data = {e.id: {"name": e.name, "title": e.title, "year": e.year, "venue": e.venue or "",
+                       "principle": e.principle, "dimensions": e.dimensions, "training": e.training,
+                       "phase": e.phase, "granularity": e.granularity, "budget_policy": e.budget_policy,
+                       "query_aware": e.query_aware, "implemented": bool(e.implementation),
+                       "equation": e.key_equation, "reported": len(e.reported_results),
+                       "measured": {f"{r['setting']} {r['target_ratio']:g}x": [round(r["accuracy"], 2),
+                                                                               round(r["achieved_ratio"], 2)]
+                                    for r in measured.get(e.id, [])}}
+                for e in sorted(entries, key=lambda e: e.name.lower())}
+write("compare.md", f"""# Compare methods
+
+Pick two to four methods: their axes, key equations and this atlas's measurements side by side. The address
+keeps the choice (`compare/?m=snapkv,h2o`), so a comparison can be linked. Measured cells read
+"passkey accuracy (fraction of prompts) @ achieved ratio (×)", from the [leaderboard](leaderboard.md)'s setup.
+
+<div id="kv-compare" markdown="0"></div>
+<script type="application/json" id="kv-compare-data">{html.escape(json.dumps(compare_data), quote=False)}</script>
+""")
+nav["Compare"] = "compare.md"
+
+# ---------------------------------------------------------------------------------------------------- downloads
+from reference_impls.atlas.export import to_bibtex, to_csv, to_json  # noqa: E402
+
+downloads = {"atlas.json": to_json(entries), "atlas.csv": to_csv(entries), "atlas.bib": to_bibtex(entries)}
+for _name, _text in downloads.items():
+    write(_name, _text)
+
 
 # ---------------------------------------------------------------------------------------------------- vocabulary
 voc = ["# Vocabulary", "", "Every controlled value of the taxonomy, defined. Source: `taxonomy/vocabulary.yaml`; "
@@ -258,7 +411,6 @@ def accuracy_svg(rows: list[tuple[str, dict]], setting: str) -> str:
     return "".join(out)
 
 
-results = sorted((ROOT / "results").glob("*/*.json"))
 lb = ["# Leaderboard", "",
       "Every implemented method under one setup: the embedded SmolLM2-135M-Instruct (fp32, CPU), the same "
       "synthetic passkey prompts, batch 1, greedy decoding. Each prompt is prefilled once and every method "
@@ -266,13 +418,6 @@ lb = ["# Leaderboard", "",
       "the bytes each cache holds (kept indices, scales and any full-precision window included), shown next "
       "to the target. Times are CPU wall times on the machine that produced the file. The full cache on the "
       "same prompts is the `full` row.", ""]
-summary_rows = []
-configs = {}
-for path in results:
-    data = json.loads(path.read_text())
-    configs[f"{path.parent.name}/{path.name}"] = data.get("config", {})
-    for s in data.get("summary", []):
-        summary_rows.append((path.parent.name, s))
 if summary_rows:
     targets = sorted({s["target_ratio"] for _, s in summary_rows})
     for setting in ("query-agnostic", "query-aware"):
@@ -310,9 +455,27 @@ write("leaderboard.md", "\n".join(lb))
 nav["Leaderboard"] = "leaderboard.md"
 
 # ---------------------------------------------------------------------------------------------------- notebooks
-for nb in sorted((ROOT / "notebooks").glob("*.py")):
-    write(f"notebooks/{nb.name}", nb.read_text(), edit=f"notebooks/{nb.name}")
-    nav["Notebooks", nb.stem] = f"notebooks/{nb.name}"
+def notebook_page(name: str, page: str) -> str:
+    """The notebook as the site shows it, with a note under its title on where its outputs come from."""
+    if page.endswith(".py"):  # quick build, stale or missing executed copy: the source, without outputs
+        text = execute_notebooks.source_of(name).read_text(encoding="utf-8")
+        note = ("# %% [markdown]\n# **Shown without outputs.** This layout build shows the notebook's source only: "
+                "its executed copy is stale or missing (`make notebooks`).\n\n")
+        head, sep, rest = text.partition("\n# %%")  # after the jupytext header, before the first cell
+        first, sep2, others = rest.partition("\n# %%")
+        return head + sep + first + "\n" + note + sep2.lstrip("\n") + others if sep2 else text
+    nb = json.loads(execute_notebooks.executed_of(name).read_text(encoding="utf-8"))
+    meta = nb["metadata"]["kvatlas"]
+    note = (f"<small>Outputs as executed by `make notebooks` on the embedded model, checked in with the code "
+            f"(`notebooks/executed/{name}.ipynb`). They are up to date with `{meta['source']}` and the "
+            f"{len(meta['inputs'])} files it read: " + ", ".join(f"`{i}`" for i in meta["inputs"]) + ".</small>")
+    nb["cells"].insert(1, {"cell_type": "markdown", "id": "kvatlas-provenance", "metadata": {}, "source": note})
+    return json.dumps(nb, indent=1, ensure_ascii=False)
+
+
+for name, page in notebook_file.items():
+    write(page, notebook_page(name, page), edit=f"notebooks/{name}.py")
+    nav["Notebooks", name] = page
 
 # ---------------------------------------------------------------------------------------------------- API
 import reference_impls  # noqa: E402
@@ -327,6 +490,11 @@ for mod in sorted(pkgutil.walk_packages(reference_impls.__path__, "reference_imp
 write("contributing.md", (ROOT / "CONTRIBUTING.md").read_text() if (ROOT / "CONTRIBUTING.md").exists() else "")
 nav["Contributing"] = "contributing.md"
 
-with mkdocs_gen_files.open("SUMMARY.md", "w") as f:
+# ---------------------------------------------------------------------------------------------------- manifest
+# Every page the site must have: the entries plus the fixed pages (scripts/check_site.py compares).
+with mkdocs_gen_files.open("pages.json", "w") as f:
+    json.dump({"entries": len(entries), "pages": sorted(pages)}, f, indent=1)
+
+with mkdocs_gen_files.open("nav.txt", "w") as f:
     f.write("* [Home](index.md)\n")
     f.writelines(nav.build_literate_nav())

@@ -76,12 +76,69 @@
     apply();
   }
 
+
+  // compare page: two to four methods side by side; the choice lives in the address (?m=a,b)
+  function makeCompare() {
+    var box = document.getElementById("kv-compare"), src = document.getElementById("kv-compare-data");
+    if (!box || !src || box.getAttribute("data-ready")) return;
+    box.setAttribute("data-ready", "1");
+    var data = JSON.parse(src.textContent), ids = Object.keys(data);
+    var wanted = (new URLSearchParams(location.search).get("m") || "").split(",").filter(function (m) { return data[m]; });
+    ["snapkv", "h2o", "kivi", "streamingllm"].forEach(function (d) {
+      if (wanted.length < 2 && data[d] && wanted.indexOf(d) < 0) wanted.push(d);
+    });
+    var pick = document.createElement("div"); pick.className = "kv-compare-pick";
+    var selects = [];
+    for (var i = 0; i < 4; i++) {
+      var label = document.createElement("label"); label.textContent = "Method " + (i + 1) + " ";
+      var sel = document.createElement("select"); sel.setAttribute("data-slot", i);
+      if (i >= 2) sel.appendChild(new Option("(none)", ""));
+      ids.forEach(function (id) { sel.appendChild(new Option(data[id].name, id)); });
+      sel.value = wanted[i] || (i >= 2 ? "" : ids[i]);
+      sel.addEventListener("change", render);
+      label.appendChild(sel); pick.appendChild(label); selects.push(sel);
+    }
+    var out = document.createElement("div");
+    box.appendChild(pick); box.appendChild(out);
+    var rows = [["Paper", function (e, id) { return '<a href="../taxonomy/' + id + '/">' + esc(e.title) + "</a>"; }],
+                ["Year, venue", function (e) { return e.year + (e.venue ? ", " + esc(e.venue) : ""); }],
+                ["Principle", "principle"], ["Compresses", function (e) { return e.dimensions.join(", "); }],
+                ["Training", "training"], ["Phase", "phase"], ["Granularity", "granularity"],
+                ["Budget policy", "budget_policy"], ["Query-aware", function (e) { return e.query_aware ? "yes" : "no"; }],
+                ["Reference implementation", function (e) { return e.implemented ? "yes" : "no"; }],
+                ["Results reported by the paper", "reported"],
+                ["Key equation", function (e) { return '<span class="kv-eq" data-tex="' + esc(e.equation) + '"></span>'; }]];
+    function esc(t) { return String(t).replace(/[&<>"]/g, function (c) { return {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]; }); }
+    function render() {
+      var chosen = selects.map(function (s) { return s.value; }).filter(Boolean);
+      var keys = {};
+      chosen.forEach(function (id) { Object.keys(data[id].measured).forEach(function (k) { keys[k] = 1; }); });
+      var measuredRows = Object.keys(keys).sort().map(function (k) {
+        return ["Measured: " + k + " (accuracy @ achieved ×)", function (e) {
+          var m = e.measured[k]; return m ? m[0].toFixed(2) + " @ " + m[1].toFixed(2) + "×" : "—"; }];
+      });
+      var html = '<table class="kv-compare-table"><thead><tr><th></th>' + chosen.map(function (id) {
+        return "<th>" + esc(data[id].name) + "</th>"; }).join("") + "</tr></thead><tbody>";
+      rows.concat(measuredRows).forEach(function (r) {
+        html += "<tr><th>" + r[0] + "</th>" + chosen.map(function (id) {
+          var e = data[id]; return "<td>" + (typeof r[1] === "string" ? esc(e[r[1]]) : r[1](e, id)) + "</td>"; }).join("") + "</tr>";
+      });
+      out.innerHTML = html + "</tbody></table>";
+      if (window.katex) out.querySelectorAll(".kv-eq").forEach(function (el) {
+        window.katex.render(el.getAttribute("data-tex"), el, {throwOnError: false, displayMode: false});
+      });
+      if (history.replaceState) history.replaceState(null, "", "?m=" + chosen.join(","));
+    }
+    render();
+  }
+
   function init() {
     renderMath();
     document.querySelectorAll(".md-typeset table").forEach(function (t) {
       if (!t.getAttribute("data-sortable")) { t.setAttribute("data-sortable", "1"); makeSortable(t); }
     });
     document.querySelectorAll(".kv-faceted").forEach(makeFaceted);
+    makeCompare();
   }
   if (window.document$ && window.document$.subscribe) window.document$.subscribe(init);
   document.addEventListener("DOMContentLoaded", init);
