@@ -44,13 +44,17 @@ def attention_probs(q: Tensor, k: Tensor, mask: Optional[Tensor], scaling: float
     """Softmax attention weights, the slow explicit way (fp32).
 
     q (B, H, q, D), k (B, H_kv, T, D), mask (B, H_kv or 1, q, T) bool or None -> (B, H, q, T); a query that
-    may see no key gets a row of zeros.
+    may see no key gets a row of zeros. The G query heads of a group are multiplied against their KV head as
+    one block (no copy of the keys per query head).
     """
-    groups = q.shape[1] // k.shape[1]
-    logits = torch.matmul(q.float(), repeat_kv(k, groups).float().transpose(-1, -2)).mul_(scaling)
+    B, H, n, D = q.shape
+    H_kv, T = k.shape[1], k.shape[2]
+    G = H // H_kv
+    logits = torch.matmul(q.float().reshape(B, H_kv, G * n, D), k.float().transpose(-1, -2)).mul_(scaling)
+    logits = logits.view(B, H_kv, G, n, T)
     if mask is not None:  # in place: a 1.5k-token prefill's logits are 9 x 1500 x 1500 per layer
-        logits.masked_fill_(~repeat_kv(mask, groups), float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        logits.masked_fill_(~mask[:, :, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(B, H, n, T)
 
 
 def nbytes(*held) -> int:
