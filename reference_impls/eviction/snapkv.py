@@ -63,7 +63,8 @@ class SnapKV(EvictionMethod):
     Args:
         ratio: target tokens seen / tokens kept, window included.
         budget: absolute tokens kept per layer and head (the official `max_capacity_prompt`); overrides ratio.
-        window: observation window, the last `window` tokens of the compressed pass (kvpress 64, paper 32).
+        window: observation window, the last `window` tokens of the compressed pass (kvpress 64, paper 32); as a
+            field it is also `EvictionMethod.window`, the tokens budget policies reserve.
         kernel_size: odd pooling width (kvpress 5, paper 7).
         pooling: "avg" (kvpress) or "max" (paper).
         preset: "kvpress" (default) or "paper": fills window, kernel_size and pooling left as None.
