@@ -39,6 +39,8 @@ def keep_top(scores: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     T = scores.shape[-1]
     width = int(counts.max())
     top = scores.topk(width, dim=-1).indices  # (B, H_kv, width), best first
+    if bool((counts == width).all()):  # every head keeps as many (uniform budgets): no holes to place
+        return top.sort(dim=-1).values, torch.zeros_like(top, dtype=torch.bool)
     hole = torch.arange(width, device=scores.device) >= counts[..., None]
     order = torch.where(hole, top + T, top).sort(dim=-1).values  # time order, holes last
     hole = order >= T
@@ -180,16 +182,17 @@ class EvictingStore(DenseStore):
         scores = m.score(step, history, self.row_budget).float().masked_fill(~valid, float("-inf"))
         counts = torch.minimum(m.heads.head_counts(scores, self.row_budget, m.window), n_valid)
         idx, hole = keep_top(scores, counts)
-        gather = idx[..., None].expand(-1, -1, -1, self.k.shape[-1])
-        self.k = torch.gather(self.k, 2, gather)
-        self.v = torch.gather(self.v, 2, gather)
+        rows = (torch.arange(idx.shape[0], device=idx.device)[:, None, None],
+                torch.arange(idx.shape[1], device=idx.device)[None, :, None], idx)
+        # whole rows by advanced indexing: one contiguous copy per kept token (gather with an index expanded
+        # over D reads it element by element, several times slower on CPU)
+        self.k, self.v = self.k[rows], self.v[rows]
         # a dense store holds every token since the first: its slots are 0 .. T - 1
         slots = self.slots if self.slots is not None else torch.arange(valid.shape[2], device=idx.device).expand_as(valid)
         self.slots = torch.where(hole, -1, torch.gather(slots.long(), 2, idx)).to(torch.int32)
         if history is not None:  # trailing dims (e.g. Scissorhands' per-key window of votes) follow their key
             tail = (1,) * (history.dim() - 3)
-            hidx = idx.view(*idx.shape, *tail).expand(*idx.shape, *history.shape[3:])
-            self.history = torch.gather(history, 2, hidx).masked_fill(hole.view(*hole.shape, *tail), 0)
+            self.history = history[rows].masked_fill(hole.view(*hole.shape, *tail), 0)
         return idx, hole
 
     def nbytes(self) -> int:
