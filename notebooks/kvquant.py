@@ -45,7 +45,7 @@ print("RoPE theta:", THETA, "| head dim:", model.config.head_dim)
 # ## A check: outliers and the sink come back exactly, everything else within a level
 # A store fed 200 random keys with one loud channel: 1% of each key channel and of each value token is kept
 # exactly, the first token too, and the rest lands on one of the $2^3$ levels. Inside a model the cache hands
-# each store the model's own rotary embedding (`Step.rope`: positions to cos, sin); here we hand it default
+# each store the model's own rotary embedding (`Model.rope`: positions to cos, sin); here we hand it default
 # RoPE with SmolLM2's theta, the same function that made the post-RoPE keys.
 
 # %%
@@ -59,10 +59,11 @@ store.after_attention(Step.dense(torch.zeros(1, 2, 200, 64), kk, vv, scaling=0.1
 keys, values, _ = store.append(apply_rope(pre[:, :, 200:], cos[200:], sin[200:]), v[:, :, 200:])
 back = apply_rope(keys, cos, sin, inverse=True)[:, :, :200]
 ref, out, levels = kvquant_fake(pre[:, :, 1:200], bits=3, outlier_frac=0.01, dim=2)
-print("levels (normalized):", [round(x, 3) for x in store.levels_k.tolist()])
+prompt_block = store.blocks[0]  # the 200 prompt tokens, packed (the 201st waits in the full-precision buffer)
+print("levels (normalized):", [round(x, 3) for x in store.state["levels_k"].tolist()])
 print("sink exact:", torch.allclose(back[:, :, 0], pre[:, :, 0], atol=1e-5),
-      "| key outliers held:", store.k_out.idx.numel() - 2 * 64,  # minus the sink token's 2 heads x 64
-      "| value outliers held:", store.v_out.idx.numel() - 2 * 64)
+      "| key outliers held:", prompt_block["k_out"].idx.numel() - 2 * 64,  # minus the sink token's 2 heads x 64
+      "| value outliers held:", prompt_block["v_out"].idx.numel() - 2 * 64)
 print("store == reference round trip (kvquant_fake):", torch.allclose(back[:, :, 1:], ref, atol=1e-4),
       "| outliers exact:", torch.allclose(back[:, :, 1:][out], pre[:, :, 1:200][out], atol=1e-5))
 print(f"bytes held: {store.nbytes():,} vs {2 * pre[:, :, :201].numel() * 4:,} for the fp32 keys and values")
@@ -73,7 +74,7 @@ print(f"bytes held: {store.nbytes():,} vs {2 * pre[:, :, :201].numel() * 4:,} fo
 # while RoPE rotates channel pairs $(i, i + D/2)$ by position-dependent angles, so the magnitude of each
 # post-RoPE channel swings with position and a per-channel range must cover the swing. We take one layer
 # of SmolLM2 on a ~1,000-token passkey prompt and undo RoPE with the model's own rotary embedding (what the
-# cache hands KVQuant's stores as `Step.rope`), checked against the layer's `k_proj` output.
+# cache hands KVQuant's stores as `Model.rope`), checked against the layer's `k_proj` output.
 
 # %%
 sample = passkey_samples(1, 1000, seed=0, tokenizer=tok)[0]
