@@ -112,7 +112,9 @@ def test_csv_has_one_row_per_entry_with_lists_joined_by_semicolons():
 
 def test_results_csv_has_one_row_per_reported_result():
     rows = list(csv.DictReader(io.StringIO(to_results_csv(entries()))))
-    assert len(rows) == sum(len(e.reported_results) for e in entries()) == 7
+    # the live streamingllm and fastgen entries' results (they grow as the atlas does) + the made-up one
+    n_live = sum(len(Entry.model_validate(yaml.safe_load(FIXTURES[e])).reported_results) for e in ("streamingllm", "fastgen"))
+    assert len(rows) == sum(len(e.reported_results) for e in entries()) == n_live + 1
     assert list(rows[0]) == RESULT_COLUMNS
     rich = next(r for r in rows if r["entry"] == "rich-result")
     assert rich["benchmark"] == "LongBench, with a comma" and rich["kv_fraction"] == "0.125"
