@@ -32,6 +32,8 @@ ENTRIES = [
 def parse(svg):
     root = ET.fromstring(svg)
     nodes = {a.get("data-id"): a for a in root.iter("{http://www.w3.org/2000/svg}a")}
+    for a in nodes.values():  # the links are xlink:href (see lineage.py); read them as href
+        a.set("href", a.get("{http://www.w3.org/1999/xlink}href"))
     edges = {(p.get("class"), p.get("data-from"), p.get("data-to")) for p in root.iter("{http://www.w3.org/2000/svg}path")
              if p.get("data-from")}
     return root, nodes, edges

@@ -92,7 +92,7 @@ def family_svg(entries: Iterable[Entry], principle: str, *,
     x = lambda i: LEFT + place[i][0] * (W + GAP_X)
     y = lambda i: TOP + place[i][1] * (H + GAP_Y)
     uid = f"kv-arrow-{principle}"
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="kv-lineage" width="{width}" height="{height}" '
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" class="kv-lineage" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" style="max-width:none" role="img" aria-label="lineage of the {escape(principle)} family">',
            f'<defs><marker id="{uid}" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
            f'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#5c6bc0"/></marker></defs>']
@@ -117,7 +117,8 @@ def family_svg(entries: Iterable[Entry], principle: str, *,
         cls, fill, stroke, ink = (("kv-lin-node kv-lin-ancestor", "#eeeeee", "#bdbdbd", "#757575") if e.id in grey
                                   else ("kv-lin-node", "#e8eaf6", "#3f51b5", "#1a237e"))
         tip = f"{e.name} ({e.year}, {e.principle})" + (" — another family" if e.id in grey else "")
-        out.append(f'<a href="{escape(href(e.id))}" class="{cls}" data-id="{escape(e.id)}">'
+        # xlink:href, not href: Material's instant navigation rewrites every [href], which an SVG <a> refuses
+        out.append(f'<a xlink:href="{escape(href(e.id))}" class="{cls}" data-id="{escape(e.id)}">'
                    f'<title>{escape(tip)}</title>'
                    f'<rect x="{x(e.id)}" y="{y(e.id)}" width="{W}" height="{H}" rx="5" fill="{fill}" '
                    f'stroke="{stroke}"/>'
