@@ -2,7 +2,9 @@
 
 Pages: the taxonomy browser (family diagram + faceted, sortable table), one page per family, one page per
 entry (axes, the paper's results beside this atlas's measured ones, BibTeX), the compare page, the
-vocabulary, the two seeds' crosswalk, the leaderboard from results/, the API reference (one page per module),
+vocabulary, the two seeds' crosswalk, the leaderboard and the seed's findings from results/bench/*.jsonl
+(scripts/leaderboard.py, scripts/findings.py; KVATLAS_BENCH_RESULTS=<folder> reads another folder), the legacy
+per-method passkey evidence from results/<family>/*.json, the API reference (one page per module),
 the notebooks (their executed copies from notebooks/executed/, see scripts/execute_notebooks.py), the
 downloads (atlas.json, atlas.csv, atlas.bib), the nav (nav.txt, for literate-nav), and pages.json: every page this build must have,
 which scripts/check_site.py compares with the built site.
@@ -78,6 +80,17 @@ for _path in sorted((ROOT / "results").glob("*/*.json")):
         measured[_s["method"]].append(_s)
         measured_file[_s["method"]] = _rel
 full_accuracy = {s["setting"]: s["accuracy"] for s in measured.get("full", [])}
+
+import findings  # noqa: E402
+import leaderboard  # noqa: E402
+
+# The benchmark's rows (results/bench/*.jsonl unless KVATLAS_BENCH_RESULTS names another folder); a line that does
+# not parse stops the build with its file:line (leaderboard.load_rows).
+BENCH = Path(os.environ.get("KVATLAS_BENCH_RESULTS", "results/bench"))
+BENCH = BENCH if BENCH.is_absolute() else ROOT / BENCH
+BENCH_REL = BENCH.relative_to(ROOT).as_posix() if BENCH.is_relative_to(ROOT) else str(BENCH)
+bench_rows = leaderboard.load_rows(BENCH)
+names = {e.id: e.name for e in entries}
 
 
 def link(eid: str, prefix: str = "") -> str:
@@ -156,20 +169,36 @@ nav["Taxonomy"] = "taxonomy/index.md"
 
 # ---------------------------------------------------------------------------------------------------- entries
 def measured_section(e) -> list[str]:
-    """This atlas's own measurements of the method (results/), with units, or why there are none."""
+    """This atlas's own measurements of the method, each table in its unit: the benchmark's (16-bit) and the
+    legacy passkey runs' (fp32), or why there are none."""
     rows = sorted(measured.get(e.id, []), key=lambda s: (s["setting"], s["target_ratio"]))
+    bench = leaderboard.overall([r for r in bench_rows if e.id in r["ids"]])
     out = ["### Measured by this atlas", ""]
-    if not rows:
+    if not rows and not bench:
         out += ["Not measured yet: " + ("the method has no reference implementation in kvatlas." if not e.implementation
-                else "no results file; run `python scripts/evidence.py --methods " + e.id + "`."), ""]
+                else "no results file; run `kvatlas bench --methods " + e.id + "`."), ""]
+        return out
+    if bench:
+        out += ["In the benchmark, alone and in compositions (means over tasks; ratios in the 16-bit unit: a bf16/fp16 "
+                "full cache's bytes over the bytes held). Every cell, with the full cache's score beside it, is on "
+                "the [leaderboard](../leaderboard.md).", "",
+                "| Method | Setting | Target ratio (×) | Achieved ratio (×, 16-bit unit) | Mean score | Mean relative "
+                "score | Tasks |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {leaderboard.method_md(o['method'], o['ids'], names, '')} | {o['setting']} | {o['target_ratio']:g} "
+                f"| {o['achieved_ratio']:.2f} | {o['score']:.2f} | {leaderboard.fmt(o['relative'])} | {o['tasks']} |"
+                for o in bench] + [""]
+    if not rows:
         return out
     cfg = configs.get(measured_file[e.id], {})
-    out += [f"{cfg.get('model', 'the embedded model')}, {cfg.get('samples', '?')} synthetic passkey prompts of "
+    out += ["Legacy passkey evidence, **fp32 unit** (a quantizer's ratio here is about twice its 16-bit ratio): "
+            f"{cfg.get('model', 'the embedded model')}, {cfg.get('samples', '?')} synthetic passkey prompts of "
             f"~{cfg.get('tokens', '?')} tokens, greedy decoding, batch 1; {cfg.get('machine', '')}. Source: "
-            f"`results/{measured_file[e.id]}`; every method under the same setup on the [leaderboard](../leaderboard.md).",
+            f"`results/{measured_file[e.id]}`; every method under this setup on the "
+            "[per-method evidence](../evidence.md) page.",
             "",
-            "| Setting | Target ratio (×) | Achieved ratio (×, measured bytes) | Passkey accuracy (fraction of prompts) "
-            "| Full cache accuracy | Prefill (s) | Decode (tokens/s) | Prompts |", "|---|---|---|---|---|---|---|---|"]
+            "| Setting | Target ratio (×) | Achieved ratio (×, measured bytes, fp32 unit) | Passkey accuracy (fraction "
+            "of prompts) | Full cache accuracy | Prefill (s) | Decode (tokens/s) | Prompts |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dec = r.get("decode_tokens_per_s")
         fa = full_accuracy.get(r["setting"])
@@ -237,14 +266,16 @@ def best_measured(members) -> list[str]:
     rows = [(e, r) for e in members for r in measured.get(e.id, [])]
     if not rows:
         return ["No member of this family has been measured by the atlas yet.", ""]
-    out = ["| Setting | Target ratio (×) | Best method | Passkey accuracy (fraction) | Achieved ratio (×) |",
+    out = ["From the legacy passkey runs; ratios in the **fp32 unit** (a quantizer's is about twice its 16-bit "
+           "ratio on the [leaderboard](../leaderboard.md)).", "",
+           "| Setting | Target ratio (×) | Best method | Passkey accuracy (fraction) | Achieved ratio (×, fp32 unit) |",
            "|---|---|---|---|---|"]
     for setting, target in sorted({(r["setting"], r["target_ratio"]) for _, r in rows}):
         cands = [(e, r) for e, r in rows if r["setting"] == setting and r["target_ratio"] == target]
         e, r = max(cands, key=lambda c: (c[1]["accuracy"], c[1]["achieved_ratio"]))
         out.append(f"| {setting} | {target:g} | {link(e.id, '../taxonomy/')} | {r['accuracy']:.2f} | "
                    f"{r['achieved_ratio']:.2f} |")
-    return out + ["", "Same setup for every method: see the [leaderboard](../leaderboard.md).", ""]
+    return out + ["", "Same setup for every method: see the [per-method evidence](../evidence.md).", ""]
 
 
 for p, definition in VOCAB["principle"].items():
@@ -291,7 +322,9 @@ write("compare.md", f"""# Compare methods
 
 Pick two to four methods: their axes, key equations and this atlas's measurements side by side. The address
 keeps the choice (`compare/?m=snapkv,h2o`), so a comparison can be linked. Measured cells read
-"passkey accuracy (fraction of prompts) @ achieved ratio (×)", from the [leaderboard](leaderboard.md)'s setup.
+"passkey accuracy (fraction of prompts) @ achieved ratio (×, fp32 unit)", from the legacy
+[per-method evidence](evidence.md) runs, whose ratios are against an fp32 full cache (a quantizer's is about twice
+its ratio in the [leaderboard](leaderboard.md)'s 16-bit unit).
 
 <div id="kv-compare" markdown="0"></div>
 <script type="application/json" id="kv-compare-data">{html.escape(json.dumps(compare_data), quote=False)}</script>
@@ -371,88 +404,14 @@ cache actually holds, next to the target.
 nav["The two seeds"] = "seeds.md"
 
 # ---------------------------------------------------------------------------------------------------- leaderboard
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
-           "#756bb1", "#636363"]
-
-
-def accuracy_svg(rows: list[tuple[str, dict]], setting: str) -> str:
-    """Passkey accuracy against the achieved ratio (log axis), one line per method (inline SVG, offline)."""
-    import math
-
-    W, H, L, R, T, B = 640, 340, 50, 150, 28, 40
-    rs = [(fam, s) for fam, s in rows if s["setting"] == setting and s["achieved_ratio"] > 0]
-    xmax = max(max(s["achieved_ratio"] for _, s in rs), 8.5)
-    xmin = min(min(s["achieved_ratio"] for _, s in rs), 1.0) * 0.95
-    X = lambda r: L + (math.log(r) - math.log(xmin)) / (math.log(xmax) - math.log(xmin)) * (W - L - R)
-    Y = lambda a: T + (1 - a) * (H - T - B)
-    out = [f'<svg class="kv-chart" viewBox="0 0 {W} {H}" role="img" aria-label="accuracy vs ratio, {setting}">',
-           f'<text x="{L}" y="16" class="kv-chart-title">{setting}: passkey accuracy vs achieved ratio</text>']
-    for a in (0, 0.25, 0.5, 0.75, 1):
-        out.append(f'<line x1="{L}" x2="{W - R}" y1="{Y(a):.1f}" y2="{Y(a):.1f}" class="kv-grid"/>'
-                   f'<text x="{L - 6}" y="{Y(a) + 4:.1f}" text-anchor="end" class="kv-tick">{a:g}</text>')
-    for r in (1, 1.25, 1.5, 2, 4, 8, 16):
-        if xmin <= r <= xmax:
-            out.append(f'<line x1="{X(r):.1f}" x2="{X(r):.1f}" y1="{T}" y2="{H - B}" class="kv-grid"/>'
-                       f'<text x="{X(r):.1f}" y="{H - B + 16}" text-anchor="middle" class="kv-tick">{r:g}x</text>')
-    methods = sorted({s["method"] for _, s in rs})
-    for i, m in enumerate(methods):
-        pts = sorted((s["achieved_ratio"], s["accuracy"], s["target_ratio"], s["n"]) for _, s in rs if s["method"] == m)
-        c = PALETTE[i % len(PALETTE)]
-        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.6" points="'
-                   + " ".join(f"{X(x):.1f},{Y(a):.1f}" for x, a, _, _ in pts) + '"/>')
-        for x, a, t, n in pts:
-            out.append(f'<circle cx="{X(x):.1f}" cy="{Y(a):.1f}" r="3" fill="{c}"><title>{m}: target {t:g}x, '
-                       f'achieved {x:.2f}x, accuracy {a:.2f} (n={n})</title></circle>')
-        out.append(f'<rect x="{W - R + 10}" y="{T + i * 15 - 8}" width="10" height="3" fill="{c}"/>'
-                   f'<text x="{W - R + 24}" y="{T + i * 15 - 3}" class="kv-tick">{m}</text>')
-    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 6}" text-anchor="middle" class="kv-tick">achieved compression '
-               f'ratio (measured bytes, log scale)</text></svg>')
-    return "".join(out)
-
-
-lb = ["# Leaderboard", "",
-      "Every implemented method under one setup: the embedded SmolLM2-135M-Instruct (fp32, CPU), the same "
-      "synthetic passkey prompts, batch 1, greedy decoding. Each prompt is prefilled once and every method "
-      "compresses from that same prefill (`reference_impls.evaluate`). **Achieved** ratios are measured from "
-      "the bytes each cache holds (kept indices, scales and any full-precision window included), shown next "
-      "to the target. Times are CPU wall times on the machine that produced the file. The full cache on the "
-      "same prompts is the `full` row.", ""]
-if summary_rows:
-    targets = sorted({s["target_ratio"] for _, s in summary_rows})
-    for setting in ("query-agnostic", "query-aware"):
-        rs = [(fam, s) for fam, s in summary_rows if s["setting"] == setting]
-        if not rs:
-            continue
-        lb += [f"## {setting}", "", accuracy_svg(summary_rows, setting), "",
-               "Passkey accuracy per target ratio (achieved ratio in brackets).", "",
-               "| Family | Method | n | " + " | ".join(f"{t:g}x" for t in targets) + " |",
-               "|---|---|---|" + "---|" * len(targets)]
-        for fam, m in sorted({(f, s["method"]) for f, s in rs}):
-            cells = {s["target_ratio"]: s for f, s in rs if s["method"] == m and f == fam}
-            n = max(s["n"] for s in cells.values())
-            lb.append(f"| {fam} | [{m}](taxonomy/{m}.md) | {n} | " + " | ".join(
-                f"{cells[t]['accuracy']:.2f} ({cells[t]['achieved_ratio']:.2f})" if t in cells else ""
-                for t in targets) + " |")
-        lb += ["", f"### All figures, {setting}", "", "<div class=\"kv-faceted\" data-facets=\"0,1,2\">", "",
-               "| Family | Method | Target ratio | Achieved ratio | Passkey accuracy | Prefill s | Decode tok/s | n |",
-               "|---|---|---|---|---|---|---|---|"]
-        for fam, s in sorted(rs, key=lambda x: (x[1]["method"], x[1]["target_ratio"])):
-            dec = s.get("decode_tokens_per_s")
-            lb.append(f"| {fam} | [{s['method']}](taxonomy/{s['method']}.md) | {s['target_ratio']:g} | "
-                      f"{s['achieved_ratio']:.2f} | {s['accuracy']:.2f} | {s['prefill_s']:.2f} | "
-                      f"{'' if dec is None else f'{dec:.1f}'} | {s['n']} |")
-        lb += ["", "</div>", ""]
-    lb += ["## Setup of each results file", ""]
-    for name, cfg in configs.items():
-        lb.append(f"* `results/{name}`: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-    lb.append("")
-else:
-    lb += ["No results yet: run `python scripts/evidence.py --methods <ids>`.", ""]
-lb += ["Reproduce: `python scripts/evidence.py --methods <id,...> --samples 30 --tokens 1500 [--ratios 2,4,8]` "
-       "writes `results/<family>/<id>.json`, which this page reads at build time.", ""]
-write("leaderboard.md", "\n".join(lb))
+# The benchmark (`kvatlas bench`, 16-bit unit) from KVATLAS_BENCH_RESULTS (default results/bench; the tests and
+# layout builds point it at tests/fixtures/bench); the findings checked on it; the legacy passkey runs (fp32 unit).
+write("leaderboard.md", leaderboard.leaderboard_page(bench_rows, names, BENCH_REL, fixture=BENCH_REL != "results/bench"))
 nav["Leaderboard"] = "leaderboard.md"
+write("findings.md", findings.findings_page(bench_rows, {e.id: e.phase for e in entries}))
+nav["Findings"] = "findings.md"
+write("evidence.md", leaderboard.legacy_page(summary_rows, configs))
+nav["Per-method evidence (legacy)"] = "evidence.md"
 
 # ---------------------------------------------------------------------------------------------------- notebooks
 def notebook_page(name: str, page: str) -> str:

@@ -114,7 +114,7 @@
       var keys = {};
       chosen.forEach(function (id) { Object.keys(data[id].measured).forEach(function (k) { keys[k] = 1; }); });
       var measuredRows = Object.keys(keys).sort().map(function (k) {
-        return ["Measured: " + k + " (accuracy @ achieved ×)", function (e) {
+        return ["Measured (legacy passkey, fp32 unit): " + k + " (accuracy @ achieved ×)", function (e) {
           var m = e.measured[k]; return m ? m[0].toFixed(2) + " @ " + m[1].toFixed(2) + "×" : "—"; }];
       });
       var html = '<table class="kv-compare-table"><thead><tr><th></th>' + chosen.map(function (id) {

@@ -1,0 +1,352 @@
+"""The benchmark's leaderboard page, from the JSON-lines files `kvatlas bench` writes (results/bench/*.jsonl).
+
+Pure functions from rows to Markdown and inline SVG, so gen_pages.py stays a list of pages and the tests can
+call each piece on hand-made rows. One row is one cell: (method, target ratio, task, length, setting), with
+its score, the full cache's score on the same cell, and the bytes the cache held. Every ratio here is in the
+16-bit unit of the benchmark seed (Yuan et al., arXiv 2407.01527, §2.5 of the research notes): a bf16/fp16
+full cache's bytes over the compressed cache's bytes. The legacy passkey evidence (results/<family>/*.json,
+fp32 unit) keeps its own page, `legacy_page`, because its ratios are not comparable with these.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+UNIT = ("ratios are measured bytes of a 16-bit (bf16/fp16) full cache divided by the bytes the compressed "
+        "cache holds (kept tokens, scales, zero-points and any full-precision window included)")
+REQUIRED = ("method", "label", "ids", "family", "target_ratio", "achieved_ratio", "task", "category", "length",
+            "setting", "score", "full_score", "n", "kv_bytes", "command", "commit")
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354"]
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+def load_rows(folder: Path) -> list[dict]:
+    """Every line of every folder/*.jsonl, in file order. A bad line stops the build with its file:line:
+    a leaderboard that silently drops cells would rank methods on different evidence."""
+    rows = []
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{i}: not a JSON object ({err.msg})") from None
+            missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise ValueError(f"{path}:{i}: missing {', '.join(missing)}")
+            rows.append(dict(row, source=f"{path.name}:{i}"))
+    return rows
+
+
+def relative(row: dict) -> float | None:
+    """Score over the full cache's score on the same cell; None where the full cache was not run (or scored 0)."""
+    full = row.get("full_score")
+    return row["score"] / full if full else None
+
+
+def mean_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return mean(values) if values else None
+
+
+def by_task(rows: list[dict], key) -> dict[str, float]:
+    """Per task, the mean of key(row) over that task's cells (lengths, settings), so every task weighs the same."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["task"]].append(key(r))
+    return {t: m for t, vs in groups.items() if (m := mean_or_none(vs)) is not None}
+
+
+def overall(rows: list[dict]) -> list[dict]:
+    """One row per (method, target ratio, setting): means over tasks of score, relative score, achieved ratio."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["target_ratio"], r["setting"])].append(r)
+    out = []
+    for (method, target, setting), rs in groups.items():
+        rel = by_task(rs, relative)
+        out.append({"method": method, "ids": rs[0]["ids"], "family": rs[0]["family"], "target_ratio": target,
+                    "setting": setting, "score": mean(by_task(rs, lambda r: r["score"]).values()),
+                    "relative": mean(rel.values()) if rel else None, "tasks": len({r["task"] for r in rs}),
+                    "achieved_ratio": mean(by_task(rs, lambda r: r["achieved_ratio"]).values())})
+    return sorted(out, key=lambda o: (o["setting"], o["target_ratio"], -(o["relative"] or 0), o["method"]))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (bytes, score) points no other point dominates: as good a score in no more bytes, and
+    strictly better in one of the two. Ties (identical points) are all kept."""
+    return [i for i, (b, s) in enumerate(points)
+            if not any(b2 <= b and s2 >= s and (b2 < b or s2 > s) for b2, s2 in points)]
+
+
+# ---------------------------------------------------------------------------------------------------- pieces
+def method_md(method: str, ids: list[str], names: dict[str, str], prefix: str = "taxonomy/") -> str:
+    """The method string with each part linked to its taxonomy page (ids not in the taxonomy stay plain)."""
+    parts = []
+    for part, eid in zip(method.split("+"), ids):
+        cfg = part.partition(":")[2]
+        name = f"[{names[eid]}]({prefix}{eid}.md)" if eid in names else html.escape(eid)
+        parts.append(name + (f" `{cfg}`" if cfg else ""))
+    return " + ".join(parts)
+
+
+def method_html(method: str, ids: list[str], names: dict[str, str], prefix: str = "../taxonomy/") -> str:
+    """As method_md, for raw HTML blocks (no Markdown inside them): links to the built pages."""
+    parts = []
+    for part, eid in zip(method.split("+"), ids):
+        cfg = part.partition(":")[2]
+        name = f'<a href="{prefix}{eid}/">{html.escape(names[eid])}</a>' if eid in names else html.escape(eid)
+        parts.append(name + (f" <code>{html.escape(cfg)}</code>" if cfg else ""))
+    return " + ".join(parts)
+
+
+def provenance(rows: list[dict]) -> str:
+    """Which command at which commit made these rows: the line under every table and figure."""
+    made = sorted({(r["command"], r["commit"]) for r in rows})
+    return "<small>Made by " + "; ".join(f"`{c}` at commit `{k}`" for c, k in made) + ".</small>"
+
+
+def fmt(v, spec: str = ".2f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def mib(b) -> str:
+    return "" if b is None else f"{b / 2**20:.2f}"
+
+
+def heat_colour(rel: float) -> str:
+    """Red (0) through yellow to green (1 or more); dark text, so it reads in both colour schemes."""
+    return f"background:hsl({120 * min(max(rel, 0), 1):.0f},65%,78%);color:#111"
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def score_svg(rows: list[dict], title: str) -> str:
+    """Score against measured KV bytes (log axis) for one (task, length, setting): a line per method through
+    its ratios, the Pareto front dashed and its points ringed (inline SVG: no script, works offline)."""
+    W, H, L, R, T, B = 660, 330, 46, 190, 28, 42
+    rs = sorted((r for r in rows if r["kv_bytes"] > 0), key=lambda r: r["kv_bytes"])
+    lo, hi = min(r["kv_bytes"] for r in rs) / 1.25, max(r["kv_bytes"] for r in rs) * 1.25
+    ymax = max(1.0, max(r["score"] for r in rs))
+    X = lambda b: L + (math.log(b) - math.log(lo)) / (math.log(hi) - math.log(lo)) * (W - L - R)
+    Y = lambda s: T + (1 - s / ymax) * (H - T - B)
+    out = [f'<svg class="kv-chart kv-pareto" viewBox="0 0 {W} {H}" role="img" aria-label="{html.escape(title)}">',
+           f'<text x="{L}" y="16" class="kv-chart-title">{html.escape(title)}</text>']
+    for s in (0, 0.25, 0.5, 0.75, 1):
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{Y(s * ymax):.1f}" y2="{Y(s * ymax):.1f}" class="kv-grid"/>'
+                   f'<text x="{L - 6}" y="{Y(s * ymax) + 4:.1f}" text-anchor="end" class="kv-tick">{s * ymax:g}</text>')
+    for v in (m * 10.0**k for k in range(-2, 5) for m in (1, 2, 5)):  # 1-2-5 ticks: several even on a narrow range
+        b = v * 2**20
+        if lo <= b <= hi:
+            out.append(f'<line x1="{X(b):.1f}" x2="{X(b):.1f}" y1="{T}" y2="{H - B}" class="kv-grid"/>'
+                       f'<text x="{X(b):.1f}" y="{H - B + 15}" text-anchor="middle" class="kv-tick">{v:g}</text>')
+    front = [rs[i] for i in pareto_front([(r["kv_bytes"], r["score"]) for r in rs])]
+    steps = []  # the front as a staircase: a method at more bytes only counts if it scores higher
+    for r in front:
+        steps += ([(r["kv_bytes"], steps[-1][1])] if steps else []) + [(r["kv_bytes"], r["score"])]
+    out.append('<polyline class="kv-front" fill="none" stroke="currentColor" stroke-dasharray="5 3" points="'
+               + " ".join(f"{X(b):.1f},{Y(s):.1f}" for b, s in steps) + '"/>')
+    methods = list(dict.fromkeys(r["method"] for r in sorted(rs, key=lambda r: r["method"])))
+    for i, m in enumerate(methods):
+        c, pts = PALETTE[i % len(PALETTE)], [r for r in rs if r["method"] == m]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.6" points="'
+                   + " ".join(f"{X(r['kv_bytes']):.1f},{Y(r['score']):.1f}" for r in pts) + '"/>')
+        for r in pts:
+            ring = (f'<circle cx="{X(r["kv_bytes"]):.1f}" cy="{Y(r["score"]):.1f}" r="6.5" fill="none" '
+                    f'stroke="{c}" stroke-width="1.4"/>') if r in front else ""
+            out.append(f'{ring}<circle cx="{X(r["kv_bytes"]):.1f}" cy="{Y(r["score"]):.1f}" r="3.2" fill="{c}">'
+                       f'<title>{html.escape(r["label"])} ({html.escape(r["method"])}): target {r["target_ratio"]:g}x, '
+                       f'achieved {r["achieved_ratio"]:.2f}x, {mib(r["kv_bytes"])} MiB, score {r["score"]:.2f} '
+                       f'(n={r["n"]}){", on the Pareto front" if r in front else ""}</title></circle>')
+        out.append(f'<rect x="{W - R + 12}" y="{T + i * 15 - 8}" width="10" height="3" fill="{c}"/>'
+                   f'<text x="{W - R + 26}" y="{T + i * 15 - 3}" class="kv-tick">{html.escape(m[:30])}</text>')
+    y = T + len(methods) * 15
+    out.append(f'<line x1="{W - R + 12}" x2="{W - R + 22}" y1="{y - 6}" y2="{y - 6}" stroke="currentColor" '
+               f'stroke-dasharray="3 2"/><text x="{W - R + 26}" y="{y - 3}" class="kv-tick">Pareto front (ringed)</text>'
+               f'<text x="{(L + W - R) / 2}" y="{H - 8}" text-anchor="middle" class="kv-tick">KV-cache bytes held '
+               f'(MiB, log scale; fewer is better)</text></svg>')
+    return "".join(out)
+
+
+def heatmap(rows: list[dict], target: float, names: dict[str, str]) -> str:
+    """Method x task at one target ratio, each cell the score relative to the full cache (colour and text)."""
+    rs = [r for r in rows if r["target_ratio"] == target and r["family"] != "baseline"]
+    cols = sorted({(r["task"], r["setting"]) for r in rs})
+    cell = defaultdict(list)
+    for r in rs:
+        cell[(r["method"], r["task"], r["setting"])].append(r)
+    methods = sorted({(r["method"], tuple(r["ids"])) for r in rs})
+    out = ['<div class="kv-heat-box"><table class="kv-heat"><thead><tr><th>Method</th>'
+           + "".join(f"<th>{html.escape(t)}<br><small>{html.escape(s)}</small></th>" for t, s in cols)
+           + "</tr></thead><tbody>"]
+    for m, ids in methods:
+        tds = []
+        for t, s in cols:
+            cs = cell.get((m, t, s), [])
+            rel = mean_or_none(relative(r) for r in cs)
+            if rel is None:
+                tds.append('<td class="kv-heat-na">—</td>')
+                continue
+            tip = (f"score {mean(r['score'] for r in cs):.2f}, full cache {mean(r['full_score'] for r in cs):.2f}, "
+                   f"achieved {mean(r['achieved_ratio'] for r in cs):.2f}x")
+            tds.append(f'<td style="{heat_colour(rel)}" title="{tip}">{rel:.2f}</td>')
+        out.append(f"<tr><th>{method_html(m, list(ids), names)}</th>{''.join(tds)}</tr>")
+    return "".join(out) + "</tbody></table></div>"
+
+
+# ---------------------------------------------------------------------------------------------------- page
+def setup_lines(rows: list[dict], source: str) -> list[str]:
+    """The setup as the rows state it (never assumed): model, dtype, device, batch, commits, timing, commands."""
+    def vals(k):
+        return ", ".join(sorted({str(r.get(k, "?")) for r in rows}))
+    finished = sorted(r["finished"] for r in rows if r.get("finished"))
+    lines = [f"**Setup, from the rows.** Model: {vals('model')}; dtype: {vals('dtype')}; device: {vals('device')}; "
+             f"batch size: {vals('batch_size')}; commit(s): `{vals('commit')}`; timing: {vals('timing')}"
+             + (f"; finished {finished[0]} to {finished[-1]}" if finished else "") + f". {len(rows)} cells read "
+             f"from `{source}/*.jsonl`.", "", f"**Unit.** All {UNIT}. A quantizer's ratio follows from its bit "
+             "width, so its achieved ratio can sit far from its target (4-bit KIVI with its scales and fp16 "
+             "window is about 2.8× on 2,000 tokens): always read the achieved column.", "", "**Commands that produced the files:**", ""]
+    return lines + [f"* `{c}`" for c in sorted({r["command"] for r in rows})] + [""]
+
+
+def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "results/bench",
+                     fixture: bool = False) -> str:
+    """leaderboard.md: setup, overall table, per task a table and a Pareto figure, and the heatmaps."""
+    out = ["# Leaderboard", "",
+           "Every implemented method, alone and composed, under one setup: the same model, prompts, batch and "
+           "machine, each cell's full-cache score beside it. Methods link to their taxonomy pages; the "
+           "[findings](findings.md) page checks the benchmark seed's conclusions on these rows; the older "
+           "passkey-only measurements (fp32 unit) are on the [per-method evidence](evidence.md) page.", ""]
+    if not rows:
+        return "\n".join(out + [
+            f"**No benchmark results yet**: `{source}/` holds no `*.jsonl` file. Produce them with "
+            "`kvatlas bench --quick` (a small grid on CPU; `kvatlas bench --help` for the full one), which writes "
+            f"`{source}/<name>.jsonl`, then rebuild the site. `KVATLAS_BENCH_RESULTS=<folder>` points the build "
+            "at another folder.", ""])
+    if fixture:
+        out += ['!!! warning "Made-up rows"', f"    These cells come from `{source}`, not `results/bench`: "
+                "a fixture for building and testing the site. Its numbers measure nothing.", ""]
+    out += setup_lines(rows, source)
+    out += ["## Overall", "", "Per method and target ratio: the mean over tasks (each task's cells averaged "
+            "first) of the score, of the score relative to the full cache on the same cell, and of the achieved "
+            "ratio. Filter with the menus; sort by clicking a header.", "",
+            '<div class="kv-faceted" data-facets="1,2,3" markdown="1">', "",
+            "| Method | Family | Setting | Target ratio (×) | Achieved ratio (×, 16-bit unit) | Mean score "
+            "| Mean relative score | Tasks |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {method_md(o['method'], o['ids'], names)} | {o['family']} | {o['setting']} | {o['target_ratio']:g} | "
+            f"{o['achieved_ratio']:.2f} | {o['score']:.2f} | {fmt(o['relative'])} | {o['tasks']} |"
+            for o in overall(rows)]
+    out += ["", "</div>", "", provenance(rows), ""]
+    for task in sorted({r["task"] for r in rows}):
+        rs = [r for r in rows if r["task"] == task]
+        out += [f"## Task: {task}", "", f"Category: {rs[0]['category']}; metric: `{rs[0].get('metric', '?')}`; "
+                f"mean prompt tokens {fmt(mean_or_none(r.get('prompt_tokens') for r in rs), '.0f') or '?'}.", ""]
+        for key in sorted({(r["length"], r["setting"]) for r in rs}):
+            cells = [r for r in rs if (r["length"], r["setting"]) == key]
+            out += [score_svg(cells, f"{task}, {key[0]} tokens, {key[1]}: score vs KV bytes"), "",
+                    provenance(cells), ""]
+        out += ['<div class="kv-faceted" data-facets="1,2,4" markdown="1">', "",
+                "| Method | Family | Setting | Length | Target (×) | Achieved (×, 16-bit) | Score | Full cache "
+                "score | Relative | KV MiB | Peak KV MiB | Prefill s | Decode tok/s | Hit limit | n |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rs, key=lambda r: (r["setting"], r["length"], r["target_ratio"], -r["score"], r["method"])):
+            out.append(f"| {method_md(r['method'], r['ids'], names)} | {r['family']} | {r['setting']} | {r['length']} "
+                       f"| {r['target_ratio']:g} | {r['achieved_ratio']:.2f} | {r['score']:.2f} | "
+                       f"{fmt(r['full_score'])} | {fmt(relative(r))} | {mib(r['kv_bytes'])} | "
+                       f"{mib(r.get('peak_kv_bytes'))} | {fmt(r.get('prefill_s'))} | "
+                       f"{fmt(r.get('decode_tokens_per_s'), '.1f')} | {r.get('hit_limit', '')} | {r['n']} |")
+        out += ["", "</div>", "", provenance(rs), ""]
+    out += ["## Method × task", "", "Score relative to the full cache on the same cell (1 = as good as the full "
+            "cache), one table per target ratio; hover a cell for its score and achieved ratio.", ""]
+    for target in sorted({r["target_ratio"] for r in rows if r["family"] != "baseline"}):
+        rs = [r for r in rows if r["target_ratio"] == target]
+        out += [f"### Target {target:g}×", "", heatmap(rows, target, names), "", provenance(rs), ""]
+    out += ["Times are wall times of the `device` named above; the `timing` field says whether they come from "
+            "an accuracy pass on shared cores or a timing pass run alone.", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------- legacy
+def accuracy_svg(rows: list[tuple[str, dict]], setting: str) -> str:
+    """Passkey accuracy against the achieved ratio (fp32 unit, log axis), one line per method (inline SVG)."""
+    W, H, L, R, T, B = 640, 340, 50, 150, 28, 40
+    rs = [(fam, s) for fam, s in rows if s["setting"] == setting and s["achieved_ratio"] > 0]
+    xmax = max(max(s["achieved_ratio"] for _, s in rs), 8.5)
+    xmin = min(min(s["achieved_ratio"] for _, s in rs), 1.0) * 0.95
+    X = lambda r: L + (math.log(r) - math.log(xmin)) / (math.log(xmax) - math.log(xmin)) * (W - L - R)
+    Y = lambda a: T + (1 - a) * (H - T - B)
+    out = [f'<svg class="kv-chart" viewBox="0 0 {W} {H}" role="img" aria-label="accuracy vs ratio, {setting}">',
+           f'<text x="{L}" y="16" class="kv-chart-title">{setting}: passkey accuracy vs achieved ratio (fp32 unit)</text>']
+    for a in (0, 0.25, 0.5, 0.75, 1):
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{Y(a):.1f}" y2="{Y(a):.1f}" class="kv-grid"/>'
+                   f'<text x="{L - 6}" y="{Y(a) + 4:.1f}" text-anchor="end" class="kv-tick">{a:g}</text>')
+    for r in (1, 1.25, 1.5, 2, 4, 8, 16):
+        if xmin <= r <= xmax:
+            out.append(f'<line x1="{X(r):.1f}" x2="{X(r):.1f}" y1="{T}" y2="{H - B}" class="kv-grid"/>'
+                       f'<text x="{X(r):.1f}" y="{H - B + 16}" text-anchor="middle" class="kv-tick">{r:g}x</text>')
+    for i, m in enumerate(sorted({s["method"] for _, s in rs})):
+        pts = sorted((s["achieved_ratio"], s["accuracy"], s["target_ratio"], s["n"]) for _, s in rs if s["method"] == m)
+        c = PALETTE[i % len(PALETTE)]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.6" points="'
+                   + " ".join(f"{X(x):.1f},{Y(a):.1f}" for x, a, _, _ in pts) + '"/>')
+        for x, a, t, n in pts:
+            out.append(f'<circle cx="{X(x):.1f}" cy="{Y(a):.1f}" r="3" fill="{c}"><title>{m}: target {t:g}x, '
+                       f'achieved {x:.2f}x (fp32 unit), accuracy {a:.2f} (n={n})</title></circle>')
+        out.append(f'<rect x="{W - R + 10}" y="{T + i * 15 - 8}" width="10" height="3" fill="{c}"/>'
+                   f'<text x="{W - R + 24}" y="{T + i * 15 - 3}" class="kv-tick">{m}</text>')
+    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 6}" text-anchor="middle" class="kv-tick">achieved compression '
+               f'ratio (fp32 full cache bytes / bytes held, log scale)</text></svg>')
+    return "".join(out)
+
+
+def legacy_page(summary_rows: list[tuple[str, dict]], configs: dict[str, dict]) -> str:
+    """evidence.md: the passkey runs of scripts/evidence.py (results/<family>/<id>.json), fp32 unit."""
+    out = ["# Per-method evidence (passkey, fp32 unit, legacy)", "",
+           '!!! note "Unit: fp32, not the leaderboard\'s 16-bit unit"',
+           "    These ratios are full-cache bytes **in fp32** over the bytes the compressed cache holds, because "
+           "these runs kept the model in fp32. A quantizer's ratio here is about **twice** its ratio in the "
+           "16-bit unit of the [leaderboard](leaderboard.md): it holds the same codes and scales while the full "
+           "cache it is divided into is twice as large (fp8's 4.0× below is 2.0× there; KIVI at target 4, 4.26× here, "
+           "is about 2.1×). An eviction method's ratio is the same in both units. Do not rank these numbers "
+           "with the leaderboard's.", "",
+           "Every implemented method under one setup: the embedded SmolLM2-135M-Instruct (fp32, CPU), the same "
+           "synthetic passkey prompts, batch 1, greedy decoding. Each prompt is prefilled once and every method "
+           "compresses from that same prefill (`reference_impls.evaluate`). **Achieved** ratios are measured from "
+           "the bytes each cache holds (kept indices, scales and any full-precision window included), shown next "
+           "to the target. Times are CPU wall times on the machine that produced the file. The full cache on the "
+           "same prompts is the `full` row.", ""]
+    if not summary_rows:
+        return "\n".join(out + ["No results yet: run `python scripts/evidence.py --methods <ids>`.", ""])
+    targets = sorted({s["target_ratio"] for _, s in summary_rows})
+    for setting in ("query-agnostic", "query-aware"):
+        rs = [(fam, s) for fam, s in summary_rows if s["setting"] == setting]
+        if not rs:
+            continue
+        out += [f"## {setting}", "", accuracy_svg(summary_rows, setting), "",
+                "Passkey accuracy per target ratio (achieved ratio, fp32 unit, in brackets).", "",
+                "| Family | Method | n | " + " | ".join(f"{t:g}x" for t in targets) + " |",
+                "|---|---|---|" + "---|" * len(targets)]
+        for fam, m in sorted({(f, s["method"]) for f, s in rs}):
+            cells = {s["target_ratio"]: s for f, s in rs if s["method"] == m and f == fam}
+            out.append(f"| {fam} | [{m}](taxonomy/{m}.md) | {max(s['n'] for s in cells.values())} | " + " | ".join(
+                f"{cells[t]['accuracy']:.2f} ({cells[t]['achieved_ratio']:.2f})" if t in cells else ""
+                for t in targets) + " |")
+        out += ["", f"### All figures, {setting}", "", '<div class="kv-faceted" data-facets="0,1,2" markdown="1">', "",
+                "| Family | Method | Target ratio | Achieved ratio (×, fp32 unit) | Passkey accuracy | Prefill s "
+                "| Decode tok/s | n |", "|---|---|---|---|---|---|---|---|"]
+        for fam, s in sorted(rs, key=lambda x: (x[1]["method"], x[1]["target_ratio"])):
+            out.append(f"| {fam} | [{s['method']}](taxonomy/{s['method']}.md) | {s['target_ratio']:g} | "
+                       f"{s['achieved_ratio']:.2f} | {s['accuracy']:.2f} | {s['prefill_s']:.2f} | "
+                       f"{fmt(s.get('decode_tokens_per_s'), '.1f')} | {s['n']} |")
+        out += ["", "</div>", ""]
+    out += ["## Setup of each results file", ""]
+    out += [f"* `results/{name}`: " + ", ".join(f"{k}={v}" for k, v in cfg.items()) for name, cfg in configs.items()]
+    out += ["", "Reproduce: `python scripts/evidence.py --methods <id,...> --samples 30 --tokens 1500 "
+            "[--ratios 2,4,8]` writes `results/<family>/<id>.json`, which this page reads at build time.", ""]
+    return "\n".join(out)
