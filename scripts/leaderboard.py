@@ -209,9 +209,9 @@ def setup_lines(rows: list[dict], source: str) -> list[str]:
     lines = [f"**Setup, from the rows.** Model: {vals('model')}; dtype: {vals('dtype')}; device: {vals('device')}; "
              f"batch size: {vals('batch_size')}; commit(s): `{vals('commit')}`; timing: {vals('timing')}"
              + (f"; finished {finished[0]} to {finished[-1]}" if finished else "") + f". {len(rows)} cells read "
-             f"from `{source}/*.jsonl`.", "", f"**Unit.** All {UNIT}. A quantizer's ratio follows from its bit "
-             "width, so its achieved ratio can sit far from its target (4-bit KIVI with its scales and fp16 "
-             "window is about 2.8× on 2,000 tokens): always read the achieved column.", "", "**Commands that produced the files:**", ""]
+             f"from `{source}/*.jsonl`.", "", "A quantizer's ratio follows from its bit width, so its achieved ratio "
+             "can sit far from its target (4-bit KIVI with its scales and fp16 window is about 2.8× on 2,000 "
+             "tokens): always read the achieved column.", "", "**Commands that produced the files:**", ""]
     return lines + [f"* `{c}`" for c in sorted({r["command"] for r in rows})] + [""]
 
 
@@ -222,7 +222,8 @@ def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "res
            "Every implemented method, alone and composed, under one setup: the same model, prompts, batch and "
            "machine, each cell's full-cache score beside it. Methods link to their taxonomy pages; the "
            "[findings](findings.md) page checks the benchmark seed's conclusions on these rows; the older "
-           "passkey-only measurements (fp32 unit) are on the [per-method evidence](evidence.md) page.", ""]
+           "passkey-only measurements (fp32 unit) are on the [per-method evidence](evidence.md) page.", "",
+           f"**Unit.** All {UNIT}: the 16-bit unit of the benchmark seed (arXiv 2407.01527).", ""]
     if not rows:
         return "\n".join(out + [
             f"**No benchmark results yet**: `{source}/` holds no `*.jsonl` file. Produce them with "

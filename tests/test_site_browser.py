@@ -183,11 +183,29 @@ def check_notebook(v: Visit):
 
 
 def check_leaderboard(v: Visit):
-    charts = v.page.locator("svg.kv-chart")
-    assert charts.count() >= 1, "no figure on the leaderboard"
+    """The benchmark's leaderboard: its figures, Pareto fronts, heatmaps and filters; or, before any
+    results/bench file exists, how to produce one."""
+    text = v.page.locator("article").inner_text()
+    assert "16-bit" in text, "the leaderboard does not state its unit"
+    if "No benchmark results yet" in text:
+        assert "kvatlas bench --quick" in text
+        return
     assert v.page.locator("svg.kv-chart polyline").count() >= 2, "the leaderboard figure has no lines"
+    assert v.page.locator("svg.kv-pareto polyline.kv-front").count() >= 1, "no Pareto front drawn"
+    assert v.page.locator("table.kv-heat td").count() >= 1, "no method x task heatmap"
+    overall = v.page.locator(".kv-faceted").first  # the overall table; column 1 is the family
+    families = overall.locator("tbody tr").evaluate_all("rs => rs.map(r => r.cells[1].textContent.trim())")
+    overall.locator(".kv-facets select[data-col='1']").select_option("quantization")
+    shown = overall.locator("tbody tr").evaluate_all("rs => rs.filter(r => r.style.display !== 'none').length")
+    assert shown == families.count("quantization") > 0, f"the family filter shows {shown} rows"
     broken = v.page.eval_on_selector_all("img", "is => is.filter(i => !i.complete || i.naturalWidth === 0).length")
     assert broken == 0, f"{broken} images did not load"
+
+
+def check_evidence(v: Visit):
+    """The legacy per-method passkey evidence: its figures, in the fp32 unit it says it uses."""
+    assert "fp32" in v.page.locator("article").inner_text(), "the legacy evidence does not state its unit"
+    assert v.page.locator("svg.kv-chart polyline").count() >= 2, "the evidence figure has no lines"
 
 
 def check_compare(v: Visit):
@@ -248,6 +266,15 @@ def test_leaderboard(browser, base):
     v = Visit(browser, base + "/leaderboard/")
     check_leaderboard(v)
     v.close("leaderboard")
+
+
+def test_evidence_and_findings(browser, base):
+    v = Visit(browser, base + "/evidence/")
+    check_evidence(v)
+    v.close("evidence")
+    v = Visit(browser, base + "/findings/")
+    assert v.page.locator("article").inner_text().count("Verdict:") == 5, "a finding without a verdict"
+    v.close("findings")
 
 
 def test_compare(browser, base):
