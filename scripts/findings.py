@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from leaderboard import by_task, mean_or_none, provenance, relative
+from leaderboard import by_task, fixture_warning, mean_or_none, provenance, relative
 
 MARGIN = 0.05  # a difference in mean relative score smaller than this decides nothing (n is small on CPU)
 SEED = "[Yuan et al., arXiv 2407.01527](https://arxiv.org/abs/2407.01527)"
@@ -232,7 +232,7 @@ def findings_page(rows: list[dict], phase: dict[str, str]) -> str:
            "stated rule: **agrees**, **disagrees**, **inconclusive** (within the margin), or **not testable "
            "here** (with the reason). The unit is the score relative to the full cache on the same cell; ratios "
            "are in the 16-bit unit. Our model is far smaller and our tasks synthetic, so agreement is evidence, "
-           "not proof.", ""]
+           "not proof.", ""] + fixture_warning(rows)
     for f in checks(rows, phase):
         out += [f"## {f.title}", "", f"**The seed's claim.** {f.claim}", "", f"**Rule.** {f.rule}", ""]
         out += (f.table + [""]) if f.table else []

@@ -215,8 +215,15 @@ def setup_lines(rows: list[dict], source: str) -> list[str]:
     return lines + [f"* `{c}`" for c in sorted({r["command"] for r in rows})] + [""]
 
 
-def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "results/bench",
-                     fixture: bool = False) -> str:
+def fixture_warning(rows: list[dict]) -> list[str]:
+    """Rows marked `"fixture": true` (tests/fixtures/bench) are made up: say so wherever they are shown."""
+    if not any(r.get("fixture") for r in rows):
+        return []
+    return ['!!! warning "Made-up rows"', "    These cells come from a test fixture (`\"fixture\": true`), written to "
+            "build and test the site before real results exist. Their numbers measure nothing.", ""]
+
+
+def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "results/bench") -> str:
     """leaderboard.md: setup, overall table, per task a table and a Pareto figure, and the heatmaps."""
     out = ["# Leaderboard", "",
            "Every implemented method, alone and composed, under one setup: the same model, prompts, batch and "
@@ -230,10 +237,7 @@ def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "res
             "`kvatlas bench --quick` (a small grid on CPU; `kvatlas bench --help` for the full one), which writes "
             f"`{source}/<name>.jsonl`, then rebuild the site. `KVATLAS_BENCH_RESULTS=<folder>` points the build "
             "at another folder.", ""])
-    if fixture:
-        out += ['!!! warning "Made-up rows"', f"    These cells come from `{source}`, not `results/bench`: "
-                "a fixture for building and testing the site. Its numbers measure nothing.", ""]
-    out += setup_lines(rows, source)
+    out += fixture_warning(rows) + setup_lines(rows, source)
     out += ["## Overall", "", "Per method and target ratio: the mean over tasks (each task's cells averaged "
             "first) of the score, of the score relative to the full cache on the same cell, and of the achieved "
             "ratio. Filter with the menus; sort by clicking a header.", "",

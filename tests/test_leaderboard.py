@@ -123,7 +123,7 @@ def test_pages_from_the_fixture():
     rows = lb.load_rows(FIXTURE)
     assert len(rows) >= 40 and {r["family"] for r in rows} == {"baseline", "eviction", "quantization",
                                                                 "eviction + quantization"}
-    page = lb.leaderboard_page(rows, {"snapkv": "SnapKV", "kivi": "KIVI"}, "tests/fixtures/bench", fixture=True)
+    page = lb.leaderboard_page(rows, {"snapkv": "SnapKV", "kivi": "KIVI"}, "tests/fixtures/bench")
     assert "Made-up rows" in page and "16-bit (bf16/fp16) full cache" in page
     assert "| Method | Family | Setting | Target ratio (×) | Achieved ratio (×, 16-bit unit) |" in page
     assert "| Score | Full cache score | Relative | KV MiB | Peak KV MiB |" in page  # full score beside every row
@@ -133,7 +133,9 @@ def test_pages_from_the_fixture():
     assert page.count('class="kv-front"') == 4 and page.count('<table class="kv-heat">') == 3
     assert "[SnapKV](taxonomy/snapkv.md) `window=32` + [KIVI](taxonomy/kivi.md) `bits=4`" in page
     assert page.count("Made by `kvatlas bench") == 1 + 4 + 3 + 3  # overall, figures, task tables, heatmaps
-    verdicts = re.findall(r"\*\*Verdict: (.*?)\.\*\*", fd.findings_page(rows, PHASE))
+    findings = fd.findings_page(rows, PHASE)
+    assert "Made-up rows" in findings and "Made-up rows" not in lb.leaderboard_page(two_families(1.0), {})
+    verdicts = re.findall(r"\*\*Verdict: (.*?)\.\*\*", findings)
     assert verdicts == ["agrees", "agrees", "disagrees", "agrees", "disagrees"]
 
 
