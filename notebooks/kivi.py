@@ -144,17 +144,18 @@ for name, e in errors.items():
 
 # %% [markdown]
 # ## Evidence: 30 passkey prompts of ~1.5k tokens
-# `KIVI.from_ratio` maps the targets 2, 4 and 8 to 8-, 4- and 1-bit codes (G = 32, R = 128), because against
-# the fp32 cache this model holds on CPU (fp32 scales, an fp32 window of R tokens) those give about 2.8x,
-# 4.1x and 6.2x, the nearest to each target; the table below shows what the same codes give against fp16.
+# These evidence runs held an fp32 cache on CPU, and their ratios count against it: `KIVI.from_ratio(r, FP32)`
+# maps the targets 2, 4 and 8 to 8-, 4- and 1-bit codes (G = 32, R = 128), which give about 2.8x, 4.1x and 6.2x
+# against fp32 (fp32 scales, an fp32 window of R tokens). The benchmark (`kvatlas bench`, the leaderboard)
+# counts against a 16-bit cache, as both seeds do; the table below shows what the same codes give there.
 
 # %%
-from reference_impls.quantization.ratios import CacheSpec
+from reference_impls.quantization.ratios import FP32, CacheSpec
 from reference_impls.report import show_evidence
 
 print(f"{'bits':>4} {'vs fp32 (this run)':>18} {'vs fp16':>8}   (nominal ratios at 1,500 tokens, G=32, R=128)")
 for b in (8, 4, 2, 1):
-    print(f"{b:4d} {KIVI(bits=b).nominal_ratio():18.2f} {KIVI(bits=b).nominal_ratio(CacheSpec(bits=16)):8.2f}")
+    print(f"{b:4d} {KIVI(bits=b).nominal_ratio(FP32):18.2f} {KIVI(bits=b).nominal_ratio(CacheSpec(bits=16)):8.2f}")
 # measured at 4k tokens on one layer of SmolLM2's shape (3 KV heads, D = 64) in fp16: the bytes the store holds
 k16, v16 = torch.randn(1, 3, 4096, 64).half(), torch.randn(1, 3, 4096, 64).half()
 for b in (4, 2):

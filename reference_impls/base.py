@@ -32,7 +32,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["DenseStore", "KVMethod", "LayerStore", "Model", "Step", "attention_probs", "nbytes", "repeat_kv"]
+__all__ = ["UNIT_BYTES", "DenseStore", "KVMethod", "LayerStore", "Model", "Step", "attention_probs", "nbytes",
+           "repeat_kv"]
+
+#: bytes per element of the full cache that compression ratios are counted against: a 16-bit (fp16/bf16) cache,
+#: as both seeds count (arXiv 2407.01527: nominal size = fp16 size / r), whatever dtype the model runs in
+UNIT_BYTES = 2
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:

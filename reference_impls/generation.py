@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from reference_impls.base import KVMethod
+from reference_impls.base import UNIT_BYTES, KVMethod
 from reference_impls.integration import KVCache
 
 __all__ = ["Generation", "build_prompt", "eos_ids", "greedy_generate", "run_sample"]
@@ -42,9 +42,12 @@ class Generation:
     prefill_s: float
     decode_s: float
     kv_bytes: int  # measured right after the compressing pass
-    full_kv_bytes: int
+    full_kv_bytes: int  # a full 16-bit cache of the same tokens (the seeds' unit, `UNIT_BYTES`)
     kv_bytes_end: int  # measured after the last generated token
     full_kv_bytes_end: int
+    #: the most held at once: the prompt's uncompressed states, which the first pass's attention uses before
+    #: any method here compresses (in the model's dtype), or the cache after compressing or at the end
+    peak_kv_bytes: int = 0
 
 
 @torch.no_grad()
@@ -58,13 +61,13 @@ def greedy_generate(model, cache: KVCache, prompt_parts: list[Tensor], max_new_t
     eos_token_ids = eos_token_ids or set()
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    kv_bytes = full = None
+    kv_bytes = full = uncompressed = None
     if cache.compressed_at is not None:  # built by cache_from_record: already compressed, measure now
-        kv_bytes, full = cache.nbytes(), cache.full_nbytes()
+        kv_bytes, full, uncompressed = cache.nbytes(), cache.full_nbytes(UNIT_BYTES), cache.full_nbytes()
     for part in prompt_parts:
         logits = model(input_ids=part.to(device), cache=cache, use_cache=True).logits
         if kv_bytes is None:
-            kv_bytes, full = cache.nbytes(), cache.full_nbytes()
+            kv_bytes, full, uncompressed = cache.nbytes(), cache.full_nbytes(UNIT_BYTES), cache.full_nbytes()
     token = int(logits[0, -1].argmax())
     prefill_s = time.perf_counter() - t0
     tokens = [token]
@@ -74,7 +77,9 @@ def greedy_generate(model, cache: KVCache, prompt_parts: list[Tensor], max_new_t
         token = int(logits[0, -1].argmax())
         tokens.append(token)
     decode_s = time.perf_counter() - t1
-    return Generation(tokens, prefill_s, decode_s, kv_bytes, full, cache.nbytes(), cache.full_nbytes())
+    end = cache.nbytes()
+    return Generation(tokens, prefill_s, decode_s, kv_bytes, full, end, cache.full_nbytes(UNIT_BYTES),
+                      max(uncompressed, kv_bytes, end))
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -101,6 +106,7 @@ def run_sample(model, tokenizer, method: KVMethod, context: str, question: str, 
         "achieved_ratio": gen.full_kv_bytes / gen.kv_bytes if gen.kv_bytes else float("nan"),
         "kv_bytes_end": gen.kv_bytes_end,
         "full_kv_bytes_end": gen.full_kv_bytes_end,
+        "peak_kv_bytes": gen.peak_kv_bytes,
         "prompt_tokens": int(ctx.shape[1] + qst.shape[1]),
         "compressed_tokens": int(ctx.shape[1] + (qst.shape[1] if query_aware else 0)),
         "prefill_s": gen.prefill_s,

@@ -51,7 +51,8 @@ class _Layer(CacheLayerMixin):
         super().__init__()
         self.store = store
         self.seen = 0  # tokens seen, the true sequence length
-        self.full_bytes = 0  # what a full cache would hold for them, set when attention runs
+        self.full_elems = 0  # elements a full cache would hold for them (2 B H_kv T D), set when attention runs
+        self.itemsize = 0  # bytes per element of the incoming states (the model's dtype)
         self.pending: Optional[tuple[Tensor, Tensor, Optional[Tensor], int]] = None
 
     def lazy_initialization(self, key_states, value_states):
@@ -141,9 +142,13 @@ class KVCache(Cache):
         """Bytes of every tensor the stores hold now (keys, values, kept indices, codes, scales ...)."""
         return sum(layer.store.nbytes() for layer in self.layers)
 
-    def full_nbytes(self) -> int:
-        """Bytes a full cache would hold for the tokens seen: 2 * L * B * H_kv * T * D * itemsize."""
-        return sum(layer.full_bytes for layer in self.layers)
+    def full_nbytes(self, element_bytes: Optional[int] = None) -> int:
+        """Bytes a full cache would hold for the tokens seen: 2 * L * B * H_kv * T * D * element_bytes.
+
+        element_bytes: None for the model's own dtype (what `DynamicCache` would hold); `UNIT_BYTES` (2) for the
+        seeds' 16-bit unit, which the benchmark's ratios are counted against.
+        """
+        return sum(layer.full_elems * (element_bytes or layer.itemsize) for layer in self.layers)
 
     # what methods may ask of the model (Model) -----------------------------------------------------
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,7 +191,7 @@ class KVCache(Cache):
         layer.pending = None
         B, H_kv, T, D = k.shape
         # full-cache bytes per layer, from the incoming states' shape and dtype (the baseline's layout)
-        layer.full_bytes = 2 * B * H_kv * layer.seen * D * k.element_size()
+        layer.full_elems, layer.itemsize = 2 * B * H_kv * layer.seen * D, k.element_size()
         if layer_idx == 0:
             self._begin_pass(hf_mask, B, q_len, k.device)
         # each key's position: its slot (dense, unpadded: 0 .. T - 1), through the padding record if any

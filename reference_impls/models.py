@@ -39,7 +39,8 @@ def load_model(name_or_path: Optional[str] = None, device: Optional[str] = None,
 
     Args:
         name_or_path: None for the embedded SmolLM2-135M-Instruct; else a Hugging Face id or local path.
-        device: "cpu", "cuda", ...; default cuda when available.
+        device: "cpu", "cuda", ...; default cuda when available; "auto" spreads a big model over the GPUs (and
+            CPU) with accelerate's `device_map="auto"`.
         dtype: "float32", "bfloat16", "float16"; default float32 on CPU, bfloat16 on GPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,6 +50,8 @@ def load_model(name_or_path: Optional[str] = None, device: Optional[str] = None,
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
     kwargs: dict = {"dtype": getattr(torch, dtype)}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
     if name_or_path is None:
         cached = _converted_dir()
         if (cached / "config.json").is_file():  # GGUF already de-quantized once: ~10x faster to load
@@ -71,7 +74,9 @@ def load_model(name_or_path: Optional[str] = None, device: Optional[str] = None,
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    model.to(device).eval()
+    if device != "auto":
+        model.to(device)
+    model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -84,7 +84,7 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord, tokenizer=
         k, v = record.keys[i], record.values[i]
         kk, vv, _ = layer.store.append(k, v)
         layer.seen = T
-        layer.full_bytes = 2 * k.shape[0] * k.shape[1] * T * k.shape[3] * k.element_size()
+        layer.full_elems, layer.itemsize = 2 * k.shape[0] * k.shape[1] * T * k.shape[3], k.element_size()
         # the attention weights are shared only when the store handed attention the recorded keys themselves
         same = kk is k
         step = Step.dense(record.queries[i], kk, vv, scaling=record.scaling, layer_idx=i)

@@ -18,7 +18,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def smollm():
-    """The embedded SmolLM2-135M-Instruct (model, tokenizer); only for tests marked slow."""
+    """The embedded SmolLM2-135M-Instruct in bf16 (model, tokenizer); only for tests marked slow."""
     from reference_impls.models import load_model
 
-    return load_model()
+    return load_model(dtype="bfloat16")  # the benchmark's dtype: ratios count against a 16-bit cache

@@ -6,16 +6,13 @@ attention summed over the window's queries, 1-D pooling, top-k per head, concate
 Official code: https://github.com/FasterDecoding/SnapKV (`snapkv/monkeypatch/snapkv_utils.py`)
 Deviations: (1) GQA: the official code expands keys/values to one copy per query head before selecting
 (its cache is G times larger); we store one copy per KV head and average the G query heads' pooled scores
-within each group, as kvpress's SnapKVPress does (see FasterDecoding/SnapKV issue #22). (2) The budget is
-round(n / ratio) tokens per head *including* the window (kvpress's convention); the official
-`max_capacity_prompt` is the same quantity as an absolute count (our `budget`). (3) When the budget is
-smaller than the window, the most recent window tokens are kept (the official code asserts budget > window).
-(4) Window queries are summed (official) rather than averaged (kvpress); the ranking is the same.
+within each group, as kvpress's SnapKVPress does (see FasterDecoding/SnapKV issue #22). (2) A budget below the
+window keeps the most recent window tokens (the official code asserts budget > window). The budget, round(n /
+ratio) per head, includes the window, as the official `max_capacity_prompt` (our `budget`) does.
 
-Presets: the default is kvpress's SnapKVPress (window 64, kernel 5, average pooling), which the recorded
-kvpress fixtures check token for token. `preset="paper"` is the official code's LongBench setting
-(`snapkv/monkeypatch/snapkv_utils.py` defaults and its LongBench configs: window 32, kernel 7, max pooling);
-a test pins both presets to those values. Explicit knobs override a preset.
+Presets (pinned in a test): "kvpress" (default; window 64, kernel 5, avg pooling, checked token for token against
+recorded kvpress fixtures) and "paper" (the official code's defaults and LongBench configs: window 32, kernel 7,
+max pooling). Explicit knobs override a preset.
 """
 
 from __future__ import annotations
@@ -37,13 +34,11 @@ def snapkv_scores(q_obs: Tensor, k: Tensor, scaling: float, *, kernel_size: int 
                   mask: Optional[Tensor] = None, in_window: Optional[Tensor] = None) -> Tensor:
     """Pooled attention that the observation window gives each prefix key, averaged over each GQA group.
 
-    q_obs (B, H, w, D): the window's queries; k (B, H_kv, T, D). mask (B, H_kv, w, T) bool, True = may attend;
-    None = the w queries are the last w of the T tokens, causal. in_window (B, H_kv, T) bool: the window's
-    own keys, excluded (set to 0) before pooling so only the prefix is pooled; None = the last w keys.
-    Returns (B, H_kv, T): 0 at window keys.
+    q_obs (B, H, w, D): the window's queries; k (B, H_kv, T, D). mask (B, H_kv, w, T) bool, True = may attend
+    (None: the last w of the T tokens, causal). in_window (B, H_kv, T): the window's own keys, zeroed before
+    pooling so only the prefix is pooled (None: the last w keys). Returns (B, H_kv, T), 0 at window keys.
     """
-    B, H, w, _ = q_obs.shape
-    H_kv, T = k.shape[1], k.shape[2]
+    (B, H, w, _), (H_kv, T) = q_obs.shape, k.shape[1:3]
     if mask is None:  # query i of the window is token T - w + i
         mask = torch.ones(w, T, dtype=torch.bool, device=k.device).tril(T - w).expand(B, H_kv, w, T)
     if in_window is None:
@@ -60,13 +55,9 @@ def snapkv_scores(q_obs: Tensor, k: Tensor, scaling: float, *, kernel_size: int 
 class SnapKV(EvictionMethod):
     """Keep the observation window plus the prefix tokens it attends to most; compresses the prefill only.
 
-    Args:
-        ratio: target tokens seen / tokens kept, window included.
-        budget: absolute tokens kept per layer and head (the official `max_capacity_prompt`); overrides ratio.
-        window: observation window, the last `window` tokens of the compressed pass (kvpress 64, paper 32); as a
-            field it is also `EvictionMethod.window`, the tokens budget policies reserve.
-        kernel_size: odd pooling width (kvpress 5, paper 7).
-        pooling: "avg" (kvpress) or "max" (paper).
+    Args (ratio, budget = the official `max_capacity_prompt`, layers, heads: see EvictionMethod; window included):
+        window: the last `window` tokens of the compressed pass vote; also the tokens budget policies reserve.
+        kernel_size: odd pooling width. pooling: "avg" or "max".
         preset: "kvpress" (default) or "paper": fills window, kernel_size and pooling left as None.
     """
 
@@ -75,22 +66,20 @@ class SnapKV(EvictionMethod):
     pooling: Optional[str] = None
     preset: str = "kvpress"
 
-    PRESETS = {"kvpress": dict(window=64, kernel_size=5, pooling="avg"),
-               "paper": dict(window=32, kernel_size=7, pooling="max")}
+    PRESETS = {"kvpress": dict(window=64, kernel_size=5, pooling="avg"), "paper": dict(window=32, kernel_size=7, pooling="max")}
 
     def __post_init__(self):
         super().__post_init__()
         if self.preset not in self.PRESETS:
             raise ValueError(f"{type(self).__name__}: preset must be one of {', '.join(self.PRESETS)}, got {self.preset!r}")
         for knob, value in self.PRESETS[self.preset].items():
-            if getattr(self, knob) is None:
-                setattr(self, knob, value)
-        if not (isinstance(self.window, int) and self.window >= 1):
-            raise ValueError(f"SnapKV: window must be an int >= 1, got {self.window!r}")
-        if not (isinstance(self.kernel_size, int) and self.kernel_size >= 1 and self.kernel_size % 2 == 1):
-            raise ValueError(f"SnapKV: kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
-        if self.pooling not in ("avg", "max"):
-            raise ValueError(f"SnapKV: pooling must be 'avg' or 'max', got {self.pooling!r}")
+            setattr(self, knob, value if getattr(self, knob) is None else getattr(self, knob))
+        for knob, ok, allowed in (("window", isinstance(self.window, int) and self.window >= 1, "an int >= 1"),
+                                  ("kernel_size", isinstance(self.kernel_size, int) and self.kernel_size % 2 == 1
+                                   and self.kernel_size >= 1, "an odd int >= 1"),
+                                  ("pooling", self.pooling in ("avg", "max"), "'avg' or 'max'")):
+            if not ok:
+                raise ValueError(f"SnapKV: {knob} must be {allowed}, got {getattr(self, knob)!r}")
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         obs = step.last(self.window)  # the observation window's queries (a padding query sees nothing)

@@ -68,8 +68,8 @@ class FlexGen(Quantizer):
     def candidates(cls, cache: CacheSpec) -> list["FlexGen"]:
         """The bits (8, 4, 2, 1) and group size (64, 32, 16) whose nominal ratio on `cache` is nearest `ratio`.
 
-        Nominal ratio D cb / (b D + 2 cb D / G): on the benchmark's fp32 cache 32 / (b + 64 / G), so targets
-        2 -> 8 bits G = 16 (2.7x), 4 -> 4 bits G = 16 (4x), 8 -> 2 bits G = 32 (8x); on fp16 (16 / (b + 32 / G))
-        2 -> 8 bits G = 64 (1.9x), 4 -> 2 bits G = 16 (4x), 8 -> 1 bit G = 32 (8x).
+        Nominal ratio D cb / (b D + 2 cb D / G): on the benchmark's 16-bit cache 16 / (b + 32 / G), so targets
+        2 -> 8 bits G = 64 (1.9x), 4 -> 2 bits G = 16 (4x), 8 -> 1 bit G = 32 (8x); on fp32 (32 / (b + 64 / G))
+        2 -> 8 bits G = 16 (2.7x), 4 -> 4 bits G = 16 (4x), 8 -> 2 bits G = 32 (8x).
         """
         return [cls(bits=b, group_size=g) for b in (8, 4, 2, 1) for g in (16, 32, 64)]

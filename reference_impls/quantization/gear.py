@@ -120,8 +120,8 @@ class GEAR(Quantizer):
         """The bits (8, 4, 2, 1; G = 64, rank 4, s = 2%) whose nominal ratio on `cache` is nearest `ratio`.
 
         The rank-4 factors (~2 bits per element at D = 64 in fp32) and the outliers (per value token, 2% of 64
-        rounds up to 1 per tail) cap GEAR's ratio: on the benchmark's fp32 cache 8 bits give 2.5x, 4 bits
-        3.7x, 2 bits 4.8x, 1 bit 5.6x, so targets 2 -> 8 bits, 4 -> 4, 8 -> 1 (5.6x, the nearest).
-        On fp16: 1.5x, 2.4x, 3.4x, 4.2x.
+        rounds up to 1 per tail) cap GEAR's ratio: on the benchmark's 16-bit cache 8 bits give 1.5x, 4 bits
+        2.4x, 2 bits 3.3x, 1 bit 4.2x, so targets 2 -> 4 bits, 4 -> 1, 8 -> 1 (4.2x, the nearest).
+        On fp32: 2.5x, 3.7x, 4.8x, 5.6x.
         """
         return [cls(bits=b) for b in (8, 4, 2, 1)]

@@ -107,8 +107,8 @@ class KIVI(Quantizer):
     def candidates(cls, cache: CacheSpec) -> list["KIVI"]:
         """The bits (8, 4, 2, 1; G = 32, R = 128) whose nominal ratio on `cache` is nearest `ratio`.
 
-        On the benchmark's fp32 cache (1.5k tokens, D = 64) the nominal ratios are 8 bits 2.8x, 4 bits 4.1x,
-        2 bits 5.3x, 1 bit 6.2x (the fp32 window of R tokens caps them): targets 2 -> 8 bits, 4 -> 4, 8 -> 1.
-        Against fp16 (`CacheSpec(bits=16)`): 1.7x, 2.8x, 4.1x, 5.3x.
+        On the benchmark's 16-bit cache (bf16, 1.5k tokens, D = 64) the nominal ratios are 8 bits 1.7x, 4 bits
+        2.8x, 2 bits 4.0x, 1 bit 5.3x (the window of R full-precision tokens caps them): targets 2 -> 8 bits,
+        4 -> 2, 8 -> 1. Against fp32 (`FP32`, the first evidence files' unit): 2.8x, 4.1x, 5.3x, 6.2x.
         """
         return [cls(bits=b) for b in (8, 4, 2, 1)]

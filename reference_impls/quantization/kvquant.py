@@ -14,7 +14,7 @@ channel's range then stays fixed and any later entry outside it is an outlier, a
 thresholds. Outliers are flat int32 indices + exact values (the official kernels use CSR/CSC). (4) RoPE is
 undone with the model's own rotary embedding (`Model.rope`), or rebuilt from `rope_theta` when the model
 gives none (see `KVQuant`). (5) No Q-Norm: the paper's 2-bit results use Q-Norm, a correction that matches the mean and
-spread of the de-quantized distribution to the original's; here the levels are used as fitted, so the 2-bit rung that `from_ratio` picks at 8x (fp32) is weaker than the paper's nuq2.
+spread of the de-quantized distribution to the original's; here the levels are used as fitted, so the low rungs that `from_ratio` picks at 4x and 8x (3 and 1 bits) are weaker than the paper's nuq2.
 """
 
 from __future__ import annotations
@@ -204,8 +204,8 @@ class KVQuant(Quantizer):
     def candidates(cls, cache: CacheSpec) -> list["KVQuant"]:
         """The bits (8 down to 1) whose nominal ratio on `cache` is nearest `ratio`.
 
-        On the benchmark's fp32 cache (1.5k tokens, D = 64; the 1% per-token value outliers round up to 1 of
-        64 per tail) 8 bits give 3.2x, 6 bits 4.0x, 4 bits 5.4x, 3 bits 6.5x, 2 bits 8.2x: targets 2 -> 8 bits,
-        4 -> 6, 8 -> 2. On fp16: 8 bits 1.7x, 4 bits 3.0x, 3 bits 3.7x, 2 bits 4.9x, 1 bit 7.0x.
+        On the benchmark's 16-bit cache (1.5k tokens, D = 64; the 1% per-token value outliers round up to 1 of
+        64 per tail) 8 bits give 1.7x, 7 bits 1.9x, 4 bits 3.0x, 3 bits 3.7x, 2 bits 4.9x, 1 bit 7.0x: targets
+        2 -> 7 bits, 4 -> 3, 8 -> 1. On fp32: 8 bits 3.2x, 6 bits 4.0x, 4 bits 5.4x, 3 bits 6.5x, 2 bits 8.2x.
         """
         return [cls(bits=b) for b in range(8, 0, -1)]

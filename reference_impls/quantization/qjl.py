@@ -144,9 +144,9 @@ class QJL(Quantizer):
     @classmethod
     def candidates(cls, cache: CacheSpec) -> list["QJL"]:
         """A ladder of b-bit values (8, 4, 2, 1) with a key sketch of the same width, m = m_out = b D sign bits
-        per key (the official run is the b = 2 rung: m = m_out = 256 for D = 128). On the benchmark's fp32 cache (D = 64, 1.5k tokens, 92 of them in
-        the full-precision buffer) b = 8 gives 2.5x, 4 -> 4.0x, 2 -> 5.6x, 1 -> 7.0x: targets 2 -> 8, 4 -> 4,
-        8 -> 1. On fp16: 1.4x, 2.5x, 4.0x, 5.6x.
+        per key (the official run is the b = 2 rung: m = m_out = 256 for D = 128). On the benchmark's 16-bit cache (D = 64, 1.5k tokens, 92 of them
+        in the full-precision buffer) b = 8 gives 1.2x, 4 -> 2.2x, 2 -> 3.5x, 1 -> 5.2x: targets 2 -> 4, 4 -> 2,
+        8 -> 1. On fp32: 2.5x, 4.0x, 5.6x, 7.0x.
         """
         D = cache.head_dim
         return [cls(sketch_dim=b * D, outlier_sketch_dim=b * D, value_bits=b) for b in (8, 4, 2, 1)

@@ -6,6 +6,7 @@ import torch
 from reference_impls import Full, KVCache
 from reference_impls.replay import cache_from_record, record_prefill
 from reference_impls.quantization.flexgen import FlexGen
+from reference_impls.quantization.ratios import FP32
 
 from quant_checks import MODEL, after
 
@@ -59,8 +60,10 @@ def test_prefill_is_exact_decoding_is_close_and_replay_is_exact(tiny):
 
 
 def test_from_ratio_and_bad_parameters():
-    # fp32 cache: 32 / (b + 64 / G), the nearest on a log scale
-    assert [(m.bits, m.group_size) for m in map(FlexGen.from_ratio, (1, 2, 3.2, 4, 8, 12))] == [
+    # 16-bit cache: 16 / (b + 32 / G); fp32 cache: 32 / (b + 64 / G), the nearest on a log scale
+    assert [(m.bits, m.group_size) for m in map(FlexGen.from_ratio, (1, 2, 3.2, 4, 8))] == [
+        (8, 16), (8, 64), (4, 32), (2, 16), (1, 32)]
+    assert [(m.bits, m.group_size) for m in (FlexGen.from_ratio(r, FP32) for r in (1, 2, 3.2, 4, 8, 12))] == [
         (8, 16), (8, 16), (8, 32), (4, 16), (2, 32), (2, 64)]  # 12: 2 bits G = 64 ties 1 bit G = 32 (10.7x)
     with pytest.raises(ValueError, match="ratio"):
         FlexGen.from_ratio(0)

@@ -6,6 +6,7 @@ import torch
 from reference_impls import Full, KVCache
 from reference_impls.replay import cache_from_record, record_prefill
 from reference_impls.quantization.fp8 import FP8
+from reference_impls.quantization.ratios import FP32
 
 from quant_checks import MODEL, after
 
@@ -56,7 +57,8 @@ def test_prefill_exact_and_replay_exact(tiny):
 
 
 def test_from_ratio_and_bad_parameters():
-    assert FP8.from_ratio(2) == FP8.from_ratio(8) == FP8() and FP8().nominal_ratio() == 4  # fp32 cache
+    assert FP8.from_ratio(2) == FP8.from_ratio(8) == FP8() and FP8().nominal_ratio() == 2  # 16-bit cache
+    assert FP8().nominal_ratio(FP32) == 4
     with pytest.raises(ValueError, match="ratio"):
         FP8.from_ratio(0.9)
     with pytest.raises(ValueError, match="fmt"):

@@ -7,6 +7,7 @@ import torch
 
 from reference_impls import Full, KVCache
 from reference_impls.quantization.gear import GEAR, gear_decompose, gear_reconstruct
+from reference_impls.quantization.ratios import FP32
 
 from quant_checks import MODEL, drive, ids
 
@@ -97,4 +98,6 @@ def test_bad_parameters_are_rejected():
     with pytest.raises(ValueError, match="ratio"):
         GEAR.from_ratio("4")
     # fp32 cache: 8 bits 2.51, 4 bits 3.66, 2 bits 4.75, 1 bit 5.58
-    assert [GEAR.from_ratio(r).bits for r in (1, 3, 3.1, 4.1, 4.2, 5.1, 5.2, 8)] == [8, 8, 4, 4, 2, 2, 1, 1]
+    assert [GEAR.from_ratio(r, FP32).bits for r in (1, 3, 3.1, 4.1, 4.2, 5.1, 5.2, 8)] == [8, 8, 4, 4, 2, 2, 1, 1]
+    # 16-bit cache: 8 bits 1.48, 4 bits 2.36, 2 bits 3.35, 1 bit 4.23
+    assert [GEAR.from_ratio(r).bits for r in (1, 1.8, 1.9, 2.8, 2.9, 3.7, 3.8, 8)] == [8, 8, 4, 4, 2, 2, 1, 1]

@@ -7,6 +7,7 @@ from reference_impls import Full, KVCache
 from reference_impls.replay import cache_from_record, record_prefill
 from reference_impls.base import Model
 from reference_impls.quantization.kivi import KIVI, kivi_split
+from reference_impls.quantization.ratios import FP32
 
 from quant_checks import MODEL, after
 
@@ -119,8 +120,10 @@ def test_memory_at_4k_tokens_of_smollm2_shape_meets_the_target():
 
 
 def test_from_ratio_maps_ratios_to_bits():
-    # nominal ratios on the benchmark's fp32 cache (1500 tokens): 8 bits 2.76, 4 bits 4.05, 2 bits 5.29, 1 bit 6.24
-    assert [KIVI.from_ratio(r).bits for r in (1, 2, 3.3, 3.4, 4, 4.6, 4.7, 5.7, 5.8, 8)] == [8, 8, 8, 4, 4, 4, 2, 2, 1, 1]
+    # nominal ratios on an fp32 cache (1500 tokens): 8 bits 2.76, 4 bits 4.05, 2 bits 5.29, 1 bit 6.24
+    assert [KIVI.from_ratio(r, FP32).bits for r in (1, 2, 3.3, 3.4, 4, 4.6, 4.7, 5.7, 5.8, 8)] == [8, 8, 8, 4, 4, 4, 2, 2, 1, 1]
+    # the benchmark's 16-bit unit: 8 bits 1.68, 4 bits 2.76, 2 bits 4.05, 1 bit 5.29 (the seeds' KIVI-4 ~2.8x)
+    assert [KIVI.from_ratio(r).bits for r in (1, 2, 2.1, 2.2, 3.3, 3.4, 4, 4.6, 4.7, 8)] == [8, 8, 8, 4, 4, 2, 2, 2, 1, 1]
     with pytest.raises(ValueError, match="ratio"):
         KIVI.from_ratio(0.5)
 

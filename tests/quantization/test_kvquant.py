@@ -12,6 +12,7 @@ from reference_impls.quantization import kvquant
 from reference_impls.quantization.kvquant import (KVQuant, apply_rope, fit_levels, kvquant_fake, nuq_quantize,
                                                   rope_cos_sin)
 from reference_impls.quantization.primitives import dense_range
+from reference_impls.quantization.ratios import FP32
 
 from quant_checks import MODEL, drive, ids
 
@@ -193,7 +194,9 @@ def test_bad_parameters_are_rejected():
     with pytest.raises(ValueError, match="ratio"):
         KVQuant.from_ratio(0.5)
     # fp32 cache, 1500 tokens: 8 bits 3.23, 6 bits 4.05, 4 bits 5.42, 2 bits 8.2
-    assert [KVQuant.from_ratio(r).bits for r in (1, 2, 4, 5.4, 8, 20)] == [8, 8, 6, 4, 2, 1]
+    assert [KVQuant.from_ratio(r, FP32).bits for r in (1, 2, 4, 5.4, 8, 20)] == [8, 8, 6, 4, 2, 1]
+    # 16-bit cache: 8 bits 1.72, 7 bits 1.93, 4 bits 3.02, 3 bits 3.72, 2 bits 4.85, 1 bit 6.96
+    assert [KVQuant.from_ratio(r).bits for r in (1, 2, 3, 4, 8)] == [8, 7, 4, 3, 1]
 
 
 @pytest.mark.slow
@@ -206,4 +209,4 @@ def test_achieved_ratio_and_answer_on_the_embedded_model(smollm):
     r = run_sample(model, tok, KVQuant(bits=4, rope_theta=1e5), s["context"], s["question"], max_new_tokens=8,
                    answer_prefix=s["answer_prefix"])
     assert s["answer"] in r["answer"]
-    assert r["achieved_ratio"] > 5  # fp32 cache on CPU: 32 / (4 + overheads)
+    assert 2.7 < r["achieved_ratio"] < 3.4  # against a 16-bit cache: 16 / (4 + overheads), ~3.0x at 1.5k tokens

@@ -8,6 +8,7 @@ import torch
 from reference_impls import Full, KVCache
 from reference_impls.base import Model, Step
 from reference_impls.quantization.zipcache import ZipCache, normalized_attention
+from reference_impls.quantization.ratios import FP32
 
 from quant_checks import ids
 
@@ -91,6 +92,8 @@ def test_bad_parameters_are_rejected():
     with pytest.raises(ValueError, match="ratio"):
         ZipCache.from_ratio(-1)
     for r in (4, 4.5, 8, 15):  # within a pair's span the salient ratio hits the target up to the rounding of s T
+        assert ZipCache.from_ratio(r, FP32).nominal_ratio(FP32) == pytest.approx(r, rel=5e-3)
+    for r in (2, 3, 4, 8, 12):  # the same on the benchmark's 16-bit cache (its spans: 1.9x .. 12.6x)
         assert ZipCache.from_ratio(r).nominal_ratio() == pytest.approx(r, rel=5e-3)
-    m = ZipCache.from_ratio(2)  # below every span: all tokens at 8 bits
+    m = ZipCache.from_ratio(2, FP32)  # below every span of an fp32 cache: all tokens at 8 bits
     assert (m.high_bits, m.salient_ratio) == (8, 1.0)
