@@ -14,7 +14,7 @@ import re
 import warnings
 from typing import Optional
 
-__all__ = ["haystack_sentences", "passkey_samples", "is_correct"]
+__all__ = ["haystack_sentences", "module_sentences", "passkey_samples", "is_correct"]
 
 # Modules with long prose docstrings; their text is stable within a Python minor version.
 _SOURCES = ("argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
@@ -26,25 +26,30 @@ QUESTION = "What is the secret passkey mentioned in the text above? Answer with 
 ANSWER_PREFIX = "The secret passkey is"  # starts the assistant's reply, as kvpress and RULER do
 
 
+@functools.lru_cache(maxsize=None)
+def module_sentences(name: str) -> tuple[str, ...]:
+    """Plain-prose sentences (no code, no digits) from one module's docstrings and its own classes' and functions'."""
+    mod = importlib.import_module(name)
+    docs = [mod.__doc__ or ""]
+    with warnings.catch_warnings():  # typing's deprecated aliases warn when touched
+        warnings.simplefilter("ignore", DeprecationWarning)
+        docs += [getattr(obj, "__doc__", None) or "" for obj in vars(mod).values()
+                 if getattr(obj, "__module__", None) == mod.__name__]
+    out: list[str] = []
+    for doc in (d for d in docs if isinstance(d, str)):
+        text = re.sub(r"\s+", " ", doc)
+        for s in re.split(r"(?<=[.!?])\s+", text):
+            s = s.strip()
+            if 40 <= len(s) <= 300 and s[0].isupper() and s.endswith(".") and not re.search(
+                    r"[\d>{}\[\]=_`|\\]|::|\(\)|\.\.\.", s):
+                out.append(s)
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=1)
 def haystack_sentences() -> tuple[str, ...]:
     """Plain-prose sentences (no code, no digits) from standard-library docstrings."""
-    out: list[str] = []
-    for name in _SOURCES:
-        mod = importlib.import_module(name)
-        docs = [mod.__doc__ or ""]
-        with warnings.catch_warnings():  # typing's deprecated aliases warn when touched
-            warnings.simplefilter("ignore", DeprecationWarning)
-            docs += [getattr(obj, "__doc__", None) or "" for obj in vars(mod).values()
-                     if getattr(obj, "__module__", None) == mod.__name__]
-        for doc in (d for d in docs if isinstance(d, str)):
-            text = re.sub(r"\s+", " ", doc)
-            for s in re.split(r"(?<=[.!?])\s+", text):
-                s = s.strip()
-                if 40 <= len(s) <= 300 and s[0].isupper() and s.endswith(".") and not re.search(
-                        r"[\d>{}\[\]=_`|\\]|::|\(\)|\.\.\.", s):
-                    out.append(s)
-    return tuple(dict.fromkeys(out))  # de-duplicated, order kept
+    return tuple(dict.fromkeys(s for name in _SOURCES for s in module_sentences(name)))  # de-duplicated, order kept
 
 
 def passkey_samples(n: int = 20, n_tokens: int = 1000, seed: int = 0, tokenizer=None,
