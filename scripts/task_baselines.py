@@ -51,8 +51,9 @@ def main(argv=None) -> int:
                     scores.append(task.score(r["answer"], x))
                     hit += r["new_tokens"] >= task.max_new_tokens
                     if log:
-                        log.write(json.dumps({"task": name, "tokens": n_tokens, "setting": setting, "output": r["answer"],
-                                              "reference": x["answer"], "score": scores[-1]}) + "\n")
+                        log.write(json.dumps({"task": name, "tokens": n_tokens, "setting": setting,
+                                              "output": r["answer"], "reference": x["answer"],
+                                              "score": scores[-1]}) + "\n")
                 secs = (time.perf_counter() - t0) / len(samples)
                 print(f"{name:<11} {n_tokens:>6} {setting:<8} {len(scores):>3} {sum(scores) / len(scores):>6.2f} "
                       f"{hit:>9} {secs:>8.1f}", flush=True)

@@ -145,17 +145,20 @@ def test_read_ruler_fixture_splits_off_the_question():
     assert task.score("QPMZJ only", b) == 0.5
 
 
+_LB = {"input": "q", "context": "c"}
+
+
 @pytest.mark.parametrize("reader, row, match", [
     (read_jsonl, {"context": "c", "question": "q"}, r"bad.jsonl:2: answer: required str"),
     (read_jsonl, {"context": "c", "question": "q", "answer": "a", "answer_prefix": 3}, r"bad.jsonl:2: answer_prefix"),
-    (read_longbench, {"input": "q", "context": "c", "answers": "a", "dataset": "hotpotqa"}, r"bad.jsonl:2: answers"),
-    (read_longbench, {"input": "q", "context": "c", "answers": ["a"], "dataset": "trec"}, r"bad.jsonl:2: dataset.*differs"),
-    (read_longbench, {"input": "q", "context": "c", "answers": ["a"], "dataset": "lsht"}, r"bad.jsonl:2: dataset.*not one of"),
+    (read_longbench, {**_LB, "answers": "a", "dataset": "hotpotqa"}, r"bad.jsonl:2: answers"),
+    (read_longbench, {**_LB, "answers": ["a"], "dataset": "trec"}, r"bad.jsonl:2: dataset.*one data"),
+    (read_longbench, {**_LB, "answers": ["a"], "dataset": "lsht"}, r"bad.jsonl:2: dataset.*one of"),
     (read_ruler, {"index": 1, "input": "x"}, r"bad.jsonl:2: outputs: must be a non-empty list"),
 ])
 def test_reader_errors_name_file_line_and_field(tmp_path, reader, row, match):
     good = {read_jsonl: {"context": "c", "question": "q", "answer": "a"},
-            read_longbench: {"input": "q", "context": "c", "answers": ["a"], "dataset": "hotpotqa"},
+            read_longbench: {**_LB, "answers": ["a"], "dataset": "hotpotqa"},
             read_ruler: {"index": 0, "input": "x", "outputs": ["a"]}}[reader]
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")

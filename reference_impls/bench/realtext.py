@@ -8,8 +8,9 @@ https://github.com/THUDM/LongBench
 Deviations: the texts are standard-library source and docstrings, not GitHub repositories, TREC questions or
 papers; LCC's target is the next line after a random cut, here the next line that is code (not blank, comment
 or docstring) and whose names all occur in the context, so that it is predictable from it; the few-shot labels
-are the module a sentence comes from, not TREC's question types; the QA answer is a function's name found by
-its quoted description (extractive lookup), not free-form answers scored by F1. Prompts are written here.
+are the module a sentence comes from (3 classes), not TREC's 50 question types; the QA answer is a function's
+name found by its quoted description, and the reply starts by restating that description (extractive lookup),
+not free-form answers scored by F1. Prompts are written here.
 """
 
 from __future__ import annotations

@@ -52,6 +52,9 @@ class Task:
 
 
 _ONE = (1500,)
+# Full cache on the embedded model, bf16, 1.5k tokens, n = 10, query-aware (scripts/task_baselines.py): passkey 1.0
+# (n = 5), multikey 0.70, fewshot 0.60, docqa 0.40, multivalue 0.33, vartrack 0.15, code 0.14, cwe 0.10. The
+# last five are below the 0.6 the benchmark asks of a task: the 135M model cannot do them even uncompressed.
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("passkey", "synthetic retrieval", "contains", 16, (1000, 2000, 4000, 6000), needles.passkey),
     Task("multikey", "synthetic retrieval", "contains", 24, _ONE, needles.multikey_samples),
