@@ -302,12 +302,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer prompts with a compressed cache")
     p.add_argument("--method", required=True, help="id[:knob=value,...][+id[:knob=value,...]], e.g. "
                    "'snapkv:window=32,pooling=max+kivi:bits=4' (an eviction method composed with a quantizer)")
-    p.add_argument("--ratio", type=float, default=1.0, help="target full/compressed bytes (2 = half); configures "
-                   "only what the method string leaves unset")
+    p.add_argument("--ratio", type=float, default=1.0, help="target bytes of a full 16-bit cache / bytes held (2 = "
+                   "half); configures only what the method string leaves unset")
     p.add_argument("--query-aware", action="store_true", help="compress after the question is in the prefix")
     p.add_argument("--model", default=None, help="HF id or path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype (default bfloat16; ratios always count against a 16-bit cache, so an "
+                   "fp32 full cache reports 0.5x)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--input", required=True, help="JSONL with context, question (and optional answer_prefix)")
     p.add_argument("--output", required=True)
@@ -325,16 +327,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-tokens", action="store_true", help="measure lengths with the model's tokenizer")
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_passkey)
+
+    from reference_impls.bench.command import add_parser as add_bench
+
+    add_bench(sub)
     return ap
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.argv = argv[1:]  # recorded by `bench` as the command that made its rows
+    from reference_impls.bench.command import UsageError as BenchUsageError
     from reference_impls.models import ModelNotAvailable
 
     try:
         return args.func(args)
-    except (UsageError, ModelNotAvailable) as err:
+    except (UsageError, BenchUsageError, ModelNotAvailable) as err:
         print(f"kvatlas {args.command}: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:

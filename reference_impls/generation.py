@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -52,11 +52,13 @@ class Generation:
 
 @torch.no_grad()
 def greedy_generate(model, cache: KVCache, prompt_parts: list[Tensor], max_new_tokens: int,
-                    eos_token_ids: Optional[set[int]] = None, logits: Optional[Tensor] = None) -> Generation:
+                    eos_token_ids: Optional[set[int]] = None, logits: Optional[Tensor] = None,
+                    stop: Optional[Callable[[list[int]], bool]] = None) -> Generation:
     """Prefill the prompt parts one forward each (the cache compresses after the first), then decode greedily.
 
     Query-aware: one part (context + question). Query-agnostic: [context, question]. A cache built by
     `replay.cache_from_record` passes the remaining parts and the recorded `logits` (1, 1, vocab) instead.
+    `stop(tokens)` ends decoding early when True (e.g. at the first newline when only the first line is scored).
     """
     eos_token_ids = eos_token_ids or set()
     device = next(model.parameters()).device
@@ -72,7 +74,7 @@ def greedy_generate(model, cache: KVCache, prompt_parts: list[Tensor], max_new_t
     prefill_s = time.perf_counter() - t0
     tokens = [token]
     t1 = time.perf_counter()
-    while len(tokens) < max_new_tokens and token not in eos_token_ids:
+    while len(tokens) < max_new_tokens and token not in eos_token_ids and not (stop and stop(tokens)):
         logits = model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True).logits
         token = int(logits[0, -1].argmax())
         tokens.append(token)

@@ -90,6 +90,7 @@ BENCH = Path(os.environ.get("KVATLAS_BENCH_RESULTS", "results/bench"))
 BENCH = BENCH if BENCH.is_absolute() else ROOT / BENCH
 BENCH_REL = BENCH.relative_to(ROOT).as_posix() if BENCH.is_relative_to(ROOT) else str(BENCH)
 bench_rows = leaderboard.load_rows(BENCH)
+quick_rows = leaderboard.load_rows(BENCH, quick=True)
 names = {e.id: e.name for e in entries}
 
 
@@ -408,7 +409,7 @@ nav["The two seeds"] = "seeds.md"
 # ---------------------------------------------------------------------------------------------------- leaderboard
 # The benchmark (`kvatlas bench`, 16-bit unit) from KVATLAS_BENCH_RESULTS (default results/bench; the tests and
 # layout builds point it at tests/fixtures/bench); the findings checked on it; the legacy passkey runs (fp32 unit).
-write("leaderboard.md", leaderboard.leaderboard_page(bench_rows, names, BENCH_REL))
+write("leaderboard.md", leaderboard.leaderboard_page(bench_rows, names, BENCH_REL, quick_rows))
 nav["Leaderboard"] = "leaderboard.md"
 write("findings.md", findings.findings_page(bench_rows, {e.id: e.phase for e in entries}))
 nav["Findings"] = "findings.md"

@@ -26,11 +26,15 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 # ---------------------------------------------------------------------------------------------------- rows
-def load_rows(folder: Path) -> list[dict]:
-    """Every line of every folder/*.jsonl, in file order. A bad line stops the build with its file:line:
-    a leaderboard that silently drops cells would rank methods on different evidence."""
-    rows = []
-    for path in sorted(Path(folder).glob("*.jsonl")):
+def load_rows(folder: Path, quick: bool = False) -> list[dict]:
+    """Every cell line of folder/*.jsonl, in file order (the per-sample sidecars `*.samples.jsonl` are not
+    cells). `quick`: only the `quick*.jsonl` files (`kvatlas bench --quick`), else all the others: the quick
+    grid re-measures some cells with fewer prompts, so it is shown apart. A cell measured twice (the full cache
+    runs in every shard) is kept once. A bad line stops the build with its file:line: a leaderboard that
+    silently drops cells would rank methods on different evidence."""
+    rows, seen = [], set()
+    paths = [p for p in sorted(Path(folder).glob("*.jsonl")) if not p.name.endswith(".samples.jsonl")]
+    for path in (p for p in paths if p.name.startswith("quick") == quick):
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -41,7 +45,10 @@ def load_rows(folder: Path) -> list[dict]:
             missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
             if missing:
                 raise ValueError(f"{path}:{i}: missing {', '.join(missing)}")
-            rows.append(dict(row, source=f"{path.name}:{i}"))
+            key = (row["method"], row["target_ratio"], row["task"], row["length"], row["setting"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(dict(row, source=f"{path.name}:{i}"))
     return rows
 
 
@@ -223,7 +230,28 @@ def fixture_warning(rows: list[dict]) -> list[str]:
             "build and test the site before real results exist. Their numbers measure nothing.", ""]
 
 
-def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "results/bench") -> str:
+def overall_table(rows: list[dict], names: dict[str, str]) -> list[str]:
+    return ['<div class="kv-faceted" data-facets="1,2,3" markdown="1">', "",
+            "| Method | Family | Setting | Target ratio (×) | Achieved ratio (×, 16-bit unit) | Mean score "
+            "| Mean relative score | Tasks |", "|---|---|---|---|---|---|---|---|"] + [
+            f"| {method_md(o['method'], o['ids'], names)} | {o['family']} | {o['setting']} | {o['target_ratio']:g} | "
+            f"{o['achieved_ratio']:.2f} | {o['score']:.2f} | {fmt(o['relative'])} | {o['tasks']} |"
+            for o in overall(rows)] + ["", "</div>", "", provenance(rows), ""]
+
+
+def quick_section(rows: list[dict], names: dict[str, str]) -> list[str]:
+    """The `--quick` grid's own table: it re-measures some cells of the main grid with fewer prompts."""
+    if not rows:
+        return []
+    tasks = sorted({r["task"] for r in rows})
+    return ["## The quick grid", "", f"`kvatlas bench --quick`: every implemented method at one target ratio on "
+            f"{', '.join(tasks)}, {max(r['n'] for r in rows)} prompts per cell (a smoke test of the whole "
+            "benchmark that fits 20 minutes on 2 CPU cores; the tables above have more prompts).", ""] + overall_table(
+        rows, names)
+
+
+def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "results/bench",
+                     quick: list[dict] = ()) -> str:
     """leaderboard.md: setup, overall table, per task a table and a Pareto figure, and the heatmaps."""
     out = ["# Leaderboard", "",
            "Every implemented method, alone and composed, under one setup: the same model, prompts, batch and "
@@ -231,6 +259,8 @@ def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "res
            "[findings](findings.md) page checks the benchmark seed's conclusions on these rows; the older "
            "passkey-only measurements (fp32 unit) are on the [per-method evidence](evidence.md) page.", "",
            f"**Unit.** All {UNIT}: the 16-bit unit of the benchmark seed (arXiv 2407.01527).", ""]
+    if not rows and quick:
+        return "\n".join(out + fixture_warning(quick) + setup_lines(quick, source) + quick_section(list(quick), names))
     if not rows:
         return "\n".join(out + [
             f"**No benchmark results yet**: `{source}/` holds no `*.jsonl` file. Produce them with "
@@ -240,14 +270,7 @@ def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "res
     out += fixture_warning(rows) + setup_lines(rows, source)
     out += ["## Overall", "", "Per method and target ratio: the mean over tasks (each task's cells averaged "
             "first) of the score, of the score relative to the full cache on the same cell, and of the achieved "
-            "ratio. Filter with the menus; sort by clicking a header.", "",
-            '<div class="kv-faceted" data-facets="1,2,3" markdown="1">', "",
-            "| Method | Family | Setting | Target ratio (×) | Achieved ratio (×, 16-bit unit) | Mean score "
-            "| Mean relative score | Tasks |", "|---|---|---|---|---|---|---|---|"]
-    out += [f"| {method_md(o['method'], o['ids'], names)} | {o['family']} | {o['setting']} | {o['target_ratio']:g} | "
-            f"{o['achieved_ratio']:.2f} | {o['score']:.2f} | {fmt(o['relative'])} | {o['tasks']} |"
-            for o in overall(rows)]
-    out += ["", "</div>", "", provenance(rows), ""]
+            "ratio. Filter with the menus; sort by clicking a header.", ""] + overall_table(rows, names)
     for task in sorted({r["task"] for r in rows}):
         rs = [r for r in rows if r["task"] == task]
         out += [f"## Task: {task}", "", f"Category: {rs[0]['category']}; metric: `{rs[0].get('metric', '?')}`; "
@@ -274,7 +297,7 @@ def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "res
         out += [f"### Target {target:g}×", "", heatmap(rows, target, names), "", provenance(rs), ""]
     out += ["Times are wall times of the `device` named above; the `timing` field says whether they come from "
             "an accuracy pass on shared cores or a timing pass run alone.", ""]
-    return "\n".join(out)
+    return "\n".join(out + quick_section(list(quick), names))
 
 
 # ---------------------------------------------------------------------------------------------------- legacy

@@ -13,7 +13,7 @@ from reference_impls.bench.metrics import METRICS, contains, edit_sim, exact, f1
 from reference_impls.bench.readers import read_jsonl, read_longbench, read_ruler
 from reference_impls.bench.tasks import TASKS, Task, get_task
 
-FIXTURES = Path(__file__).parent / "fixtures" / "bench"
+FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 EXTRACTIVE = [name for name in TASKS if name != "code"]  # code's answer is the line after the context
 
 

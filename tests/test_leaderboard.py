@@ -57,8 +57,15 @@ def test_overall_averages_each_task_first():
 
 def test_load_rows_names_file_and_line(tmp_path):
     good = json.dumps(row())
-    (tmp_path / "a.jsonl").write_text(good + "\n\n" + good + "\n")
-    assert [r["source"] for r in lb.load_rows(tmp_path)] == ["a.jsonl:1", "a.jsonl:3"]  # blank lines skipped
+    (tmp_path / "a.jsonl").write_text(good + "\n\n" + json.dumps(row(target=8.0)) + "\n" + good + "\n")
+    # blank lines skipped; a cell measured twice (every shard runs the full cache) kept once
+    assert [r["source"] for r in lb.load_rows(tmp_path)] == ["a.jsonl:1", "a.jsonl:3"]
+    (tmp_path / "a.samples.jsonl").write_text('{"cell": "x", "sample": 0}\n')  # a sidecar is not a cell file
+    (tmp_path / "quick.jsonl").write_text(json.dumps(row(target=2.0)) + "\n")  # the quick grid is shown apart
+    assert len(lb.load_rows(tmp_path)) == 2 and [r["source"] for r in lb.load_rows(tmp_path, quick=True)] == [
+        "quick.jsonl:1"]
+    (tmp_path / "a.samples.jsonl").unlink()
+    (tmp_path / "quick.jsonl").unlink()
     (tmp_path / "b.jsonl").write_text(good + "\n" + good[:-5] + "\n")
     with pytest.raises(ValueError, match=r"b\.jsonl:2: not a JSON object"):
         lb.load_rows(tmp_path)

@@ -102,6 +102,25 @@ def multivalue_samples(n: int, n_tokens: int, seed: int, tokenizer=None, values:
     return out
 
 
+def multiquery_samples(n: int, n_tokens: int, seed: int, tokenizer=None, keys: int = 4) -> list[dict]:
+    """RULER's niah_multiquery: `keys` needles as in `multikey_samples`; the question asks for two of them
+    (recall: both codes must appear)."""
+    rng, count, out = random.Random(seed), token_counter(tokenizer), []
+    for i in range(n):
+        labels, codes = _labels(rng, keys), [str(rng.randint(10000, 99999)) for _ in range(keys)]
+        needles = [f"The access code for the {lab} is {c}." for lab, c in zip(labels, codes)]
+        hay = fill(rng, n_tokens - sum(map(count, needles)), count)
+        depths = [rng.random() for _ in range(keys)]
+        a, b = sorted(rng.sample(range(keys), 2))
+        depths[a] = _depth(i, n)
+        out.append({"context": " ".join(_place(hay, needles, depths)),
+                    "question": f"What are the access codes for the {labels[a]} and for the {labels[b]}? "
+                                "Answer with the two numbers only.",
+                    "answer_prefix": f"The access code for the {labels[a]} is", "answer": f"{codes[a]}, {codes[b]}",
+                    "answers": [codes[a], codes[b]], "depth": depths[a]})
+    return out
+
+
 def _var_name(rng: random.Random, taken: set[str]) -> str:
     while True:
         name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
