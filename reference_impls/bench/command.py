@@ -53,11 +53,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def cmd_bench(args) -> int:
     import torch
-    from tqdm import tqdm
 
-    from reference_impls.bench.run import Bench, Cell, _commit, plan, run_accuracy, timing_pass
+    from reference_impls.bench.run import plan
     from reference_impls.bench.tasks import TASKS, get_task
-    from reference_impls.models import load_model
 
     q = QUICK if args.quick else {}
     methods = split_methods(args.methods) if args.methods else [*implemented_methods(), *q.get("compositions",
@@ -98,8 +96,22 @@ def cmd_bench(args) -> int:
     n = args.n if args.n is not None else q.get("n", 10)
     repeats = args.repeats if args.repeats is not None else q.get("repeats", 3)
 
+    threads = torch.get_num_threads()
     if args.threads:  # parallel shards on one machine: one thread each, or OpenMP's spinning makes both crawl
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args, cells, tasks, out, n, repeats)
+    finally:
+        torch.set_num_threads(threads)  # the command may run inside a longer process (tests, notebooks)
+
+
+def _run(args, cells, tasks, out, n, repeats) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from reference_impls.bench.run import Bench, _commit, run_accuracy, timing_pass
+    from reference_impls.models import load_model
+
     dtype = args.dtype
     model, tok = load_model(args.model, device=args.device, dtype=dtype)
     device = str(next(model.parameters()).device)
