@@ -411,6 +411,10 @@ nav["The two seeds"] = "seeds.md"
 # layout builds point it at tests/fixtures/bench); the findings checked on it; the legacy passkey runs (fp32 unit).
 write("leaderboard.md", leaderboard.leaderboard_page(bench_rows, names, BENCH_REL, quick_rows))
 nav["Leaderboard"] = "leaderboard.md"
+from reference_impls.bench.tasks import TASKS  # noqa: E402
+
+write("benchmark.md", leaderboard.howto_page(TASKS, bench_rows))
+nav["Running the benchmark"] = "benchmark.md"
 write("findings.md", findings.findings_page(bench_rows, {e.id: e.phase for e in entries}))
 nav["Findings"] = "findings.md"
 write("evidence.md", leaderboard.legacy_page(summary_rows, configs))

@@ -378,3 +378,59 @@ def legacy_page(summary_rows: list[tuple[str, dict]], configs: dict[str, dict]) 
     out += ["", "Reproduce: `python scripts/evidence.py --methods <id,...> --samples 30 --tokens 1500 "
             "[--ratios 2,4,8]` writes `results/<family>/<id>.json`, which this page reads at build time.", ""]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------- how to run
+#: measured wall times of the checked-in runs (2 CPU cores, nothing else running unless said), for the page below
+RUN_TIMES = {
+    "quick": "see the closing note of issue #16 (measured from a clean clone)",
+}
+
+
+def howto_page(tasks: dict, rows: list[dict]) -> str:
+    """benchmark.md: what `kvatlas bench` measures, its tasks (with the full cache's score from the rows), and
+    the commands, including shards, GPUs and users' own data."""
+    full = defaultdict(list)
+    for r in rows:
+        if r["method"] == "full":
+            full[r["task"]].append(r)
+    out = ["# Running the benchmark", "",
+           "`kvatlas bench` runs methods × target ratios × tasks × settings on one model, batch size (1), dtype "
+           "and machine, and writes one JSON line per cell. Every prompt is prefilled once; every method "
+           "compresses from that same prefill (`reference_impls.replay`), so methods differ only in what they "
+           f"keep and how they store it. **Unit:** {UNIT}; the model runs in bf16 by default, so a quantizer's "
+           "ratio is never inflated by an fp32 baseline (KIVI-4 is about 2.8x at 1.5k tokens, not 4x).", "",
+           "## Tasks", "",
+           "One task per category of the benchmark seed (arXiv 2407.01527) where the embedded SmolLM2-135M can "
+           "do it, generated here from text that ships with Python (`reference_impls/bench/`). A task is "
+           "benchmarked only where the full cache scores at least 0.6 on it; the full cache's score is in the "
+           "last column (from the checked-in rows) and beside every row of the leaderboard.", "",
+           "| Task | Seed category | Metric | Max new tokens | Default lengths | Full cache (checked-in rows) |",
+           "|---|---|---|---|---|---|"]
+    for name, t in tasks.items():
+        fs = full.get(name, [])
+        score = ", ".join(f"{r['score']:.2f} at {r['length']} ({r['setting']}, n={r['n']})"
+                          + (" — dropped" if r.get("dropped") else "") for r in fs) or "not run"
+        out.append(f"| `{name}` | {t.category} | `{t.metric}` | {t.max_new_tokens} | "
+                   f"{', '.join(map(str, t.lengths))} | {score} |")
+    out += ["", "Users' data: `--task jsonl:PATH` reads the lines `kvatlas generate` reads (`context`, `question`, "
+            "`answer`, optional `answer_prefix`; scored by whether the answer appears); `--task longbench:PATH` "
+            "and `--task ruler:PATH` read those benchmarks' JSONL files (each dataset with its own metric), so the "
+            "seed's own benchmark runs with one command on a GPU.", "",
+            "## Commands", "", "```bash",
+            "kvatlas bench --quick                                   # every method, reduced grid, <= 20 min on 2 CPU cores",
+            "kvatlas bench --methods snapkv,h2o,kivi --ratios 2,4,8 --tasks passkey,docqa",
+            "kvatlas bench --methods \"snapkv:window=32,kernel_size=7,pooling=max+kivi:bits=4\" --task jsonl:my.jsonl",
+            "kvatlas bench --shard 0/2 --threads 1 --no-timing ...   # job arrays; then",
+            "python scripts/merge_bench.py results/bench/grid.jsonl  # and, alone on the machine:",
+            "kvatlas bench --timing-only --ratios 4 ...              # medians of 3 timed repeats",
+            "kvatlas bench --device cuda --model Qwen/Qwen2.5-7B-Instruct --task longbench:qasper.jsonl",
+            "```", "",
+            "A cell is written when its prompts are done; the per-sample answers go to `<output>.samples.jsonl` as "
+            "they finish. Running the same command again resumes (finished cells and samples are not redone). "
+            "`--device auto` spreads a big model with accelerate's `device_map=\"auto\"`.", "",
+            "## The checked-in runs", ""]
+    cmds = sorted({(r["command"], r["commit"]) for r in rows})
+    out += [f"* `{c}` at commit `{k}`" for c, k in cmds] or ["* none yet"]
+    out += ["", "Wall times: " + "; ".join(f"{k}: {v}" for k, v in RUN_TIMES.items()) + ".", ""]
+    return "\n".join(out)
