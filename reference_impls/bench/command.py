@@ -132,7 +132,9 @@ def _run(args, cells, tasks, out, n, repeats) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="the apples-to-apples benchmark: methods x ratios x tasks x settings",
-                       description=__doc__.splitlines()[0])
+                       description="Every method x target ratio x task x setting on one model, batch, dtype and "
+                       "machine; one JSON line per cell (score, the full cache's score, measured bytes in the 16-bit "
+                       "unit, times, provenance), per-sample answers in <output>.samples.jsonl. Rerunning resumes.")
     p.add_argument("--quick", action="store_true", help="every implemented method and snapkv+kivi on a reduced grid "
                    "(4x; passkey, multikey, docqa at 1.5k tokens; 3 prompts; query-aware; one timing repeat): "
                    "~15 minutes on 2 CPU cores")
@@ -145,7 +147,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lengths", help="prompt lengths in tokens for every task (default: each task's own)")
     p.add_argument("--settings", help="query-aware,query-agnostic (default query-aware)")
     p.add_argument("--n", type=int, default=None, help="prompts per cell (default 10; quick 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default 0)")
     p.add_argument("--min-full-score", type=float, default=0.6, help="drop a task where the full cache scores "
                    "below this (default 0.6)")
     p.add_argument("--output", help="cells file (default results/bench/grid.jsonl, quick: results/bench/quick.jsonl)")
