@@ -75,7 +75,8 @@ def overall(rows: list[dict]) -> list[dict]:
     """One row per (method, target ratio, setting): means over tasks of score, relative score, achieved ratio."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["method"], r["target_ratio"], r["setting"])].append(r)
+        if not r.get("dropped"):  # a task the full cache cannot do was not benchmarked: it has no method rows
+            groups[(r["method"], r["target_ratio"], r["setting"])].append(r)
     out = []
     for (method, target, setting), rs in groups.items():
         rel = by_task(rs, relative)
