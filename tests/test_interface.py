@@ -60,7 +60,8 @@ def test_every_implemented_method_generates_on_every_architecture(model, mid):
     cache = KVCache(model, make_method(mid, 2))
     gen = greedy_generate(model, cache, [x, q], 4)
     assert len(gen.tokens) == 4 and 0 < gen.kv_bytes
-    assert gen.kv_bytes <= gen.full_kv_bytes or issubclass(method_class(mid), Quantizer)
+    # full_kv_bytes counts a 16-bit cache (the seeds' unit); these tiny models hold fp32, twice that
+    assert gen.kv_bytes <= 2 * gen.full_kv_bytes or issubclass(method_class(mid), Quantizer)
 
 
 @torch.no_grad()
@@ -163,4 +164,4 @@ def test_a_new_scorer_gets_policies_composition_and_padding_for_free():
     for method in (LastTokens(ratio=4, layers="pyramid", heads="adaptive"), Compose(LastTokens(ratio=2), KIVI(bits=4))):
         with torch.no_grad():
             gen = greedy_generate(model, KVCache(model, method), [x], 3)
-        assert gen.kv_bytes < gen.full_kv_bytes
+        assert gen.kv_bytes < 2 * gen.full_kv_bytes  # the fp32 full cache is twice the 16-bit unit
