@@ -384,7 +384,13 @@ def legacy_page(summary_rows: list[tuple[str, dict]], configs: dict[str, dict]) 
 # ---------------------------------------------------------------------------------------------------- how to run
 #: measured wall times of the checked-in runs (2 CPU cores, nothing else running unless said), for the page below
 RUN_TIMES = {
-    "quick": "see the closing note of issue #16 (measured from a clean clone)",
+    "grid.jsonl (21 methods x 2/4/8x x 10 tasks, 5 kept, 6 prompts)": "two shards of 1 thread each in parallel, 60 and "
+    "62 minutes (2026-12-05; notebook execution shared the cores for the first 15 minutes), then its timing pass "
+    "alone at 4x (3 repeats), 6.5 minutes",
+    "grid-paper.jsonl (SnapKV's paper preset, alone and + KIVI)": "12 minutes on 1 thread (shared)",
+    "agnostic.jsonl (every method, passkey, 4x, query-agnostic)": "10 minutes on 1 thread (shared)",
+    "lengths.jsonl (passkey at 1k-6k tokens)": "4 minutes on 2 threads",
+    "quick.jsonl (`kvatlas bench --quick`)": "QUICK_TIME",
 }
 
 
