@@ -166,29 +166,19 @@ def cmd_schema(args) -> int:
 
 # -------------------------------------------------------------------------------------------- generate
 def _read_prompts(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--input {path}: no such file")
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{n}: each line must be a JSON object with context and question")
-            for field in ("context", "question"):
-                if not isinstance(row.get(field), str):
-                    raise UsageError(f"{path}:{n}: {field}: required string field is missing")
-            if not isinstance(row.get("answer_prefix", ""), str):
-                raise UsageError(f"{path}:{n}: answer_prefix: must be a string")
-            rows.append(row)
-    if not rows:
-        raise UsageError(f"--input {path}: no prompts")
-    return rows
+    from reference_impls.bench.readers import json_lines
+
+    try:
+        lines = json_lines(path, what="prompts")
+    except ValueError as err:
+        raise UsageError(f"--input {err}") from None
+    for n, row in lines:
+        for field in ("context", "question"):
+            if not isinstance(row.get(field), str):
+                raise UsageError(f"{path}:{n}: {field}: required string field is missing")
+        if not isinstance(row.get("answer_prefix", ""), str):
+            raise UsageError(f"{path}:{n}: answer_prefix: must be a string")
+    return [row for _, row in lines]
 
 
 def cmd_generate(args) -> int:

@@ -45,8 +45,9 @@ LONGBENCH = {
 }
 
 
-def _lines(path: str):
-    """(line number, JSON object) of each non-empty line; errors name the file and the line."""
+def json_lines(path: str, what: str = "samples"):
+    """(line number, JSON object) of each non-empty line; errors name the file and the line (`kvatlas generate`'s
+    input is read by this too)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{path}: no such file")
@@ -63,7 +64,7 @@ def _lines(path: str):
                 raise ValueError(f"{path}:{n}: each line must be a JSON object")
             rows.append((n, row))
     if not rows:
-        raise ValueError(f"{path}: no samples")
+        raise ValueError(f"{path}: no {what}")
     return rows
 
 
@@ -84,7 +85,7 @@ def _task(name: str, category: str, metric: str, max_new_tokens: int, samples: l
 def read_jsonl(path: str) -> Task:
     """Lines with context, question, answer and optionally answer_prefix; scored by `contains`."""
     samples = []
-    for n, row in _lines(path):
+    for n, row in json_lines(path):
         for field in ("context", "question", "answer"):
             _need(path, n, row, field, str)
         if not isinstance(row.get("answer_prefix", ""), str):
@@ -95,7 +96,7 @@ def read_jsonl(path: str) -> Task:
 
 def read_longbench(path: str) -> Task:
     """One LongBench data set (LongBench-E's `_e` files too); the metric follows the data set."""
-    rows, samples, dataset = _lines(path), [], None
+    rows, samples, dataset = json_lines(path), [], None
     for n, row in rows:
         name = _need(path, n, row, "dataset", str)
         name = name[:-2] if name.endswith("_e") and name[:-2] in LONGBENCH else name  # LongBench-E's names
@@ -125,7 +126,7 @@ def _split_question(text: str) -> tuple[str, str]:
 def read_ruler(path: str) -> Task:
     """RULER's prepared lines; every one of `outputs` must appear in the answer (string_match_all)."""
     samples = []
-    for n, row in _lines(path):
+    for n, row in json_lines(path):
         context, question = _split_question(_need(path, n, row, "input", str))
         outputs = _need(path, n, row, "outputs", list)
         if not isinstance(row.get("answer_prefix", ""), str):
