@@ -10,7 +10,7 @@ grid can grow in several runs. Written atomically; the shard files are left in p
 import sys
 from pathlib import Path
 
-from reference_impls.bench.run import _write_atomic, read_rows
+from reference_impls.bench.run import write_rows, read_rows
 
 
 def main(target: str) -> int:
@@ -28,8 +28,8 @@ def main(target: str) -> int:
             cells.setdefault(r["cell"], r)
         for r in read_rows(shard.with_name(shard.stem + ".samples.jsonl")):
             samples.setdefault((r["cell"], r["sample"]), r)
-    _write_atomic(out, list(cells.values()))
-    _write_atomic(side_path, list(samples.values()))
+    write_rows(out, list(cells.values()))
+    write_rows(side_path, list(samples.values()))
     print(f"merge_bench: {len(cells)} cells, {len(samples)} samples from {len(shards)} shard files -> {out}",
           file=sys.stderr)
     return 0

@@ -109,14 +109,14 @@ def _run(args, cells, tasks, out, n, repeats) -> int:
     import torch
     from tqdm import tqdm
 
-    from reference_impls.bench.run import Bench, _commit, run_accuracy, timing_pass
+    from reference_impls.bench.run import Bench, git_commit, run_accuracy, timing_pass
     from reference_impls.models import load_model
 
     dtype = args.dtype
     model, tok = load_model(args.model, device=args.device, dtype=dtype)
     device = str(next(model.parameters()).device)
     info = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "dtype": dtype, "device": device,
-            "batch_size": 1, "threads": torch.get_num_threads(), "commit": _commit(),
+            "batch_size": 1, "threads": torch.get_num_threads(), "commit": git_commit(),
             "command": "kvatlas bench " + " ".join(shlex.quote(a) for a in (args.argv or []))}
     bench = Bench(model, tok, tasks, out, n=n, seed=args.seed, min_full_score=args.min_full_score, info=info)
     print(f"kvatlas bench: {len(cells)} cells x {n} prompts -> {out} (resumes if it exists)", file=sys.stderr)

@@ -40,7 +40,7 @@ from reference_impls.generation import build_prompt, eos_ids, greedy_generate
 from reference_impls.methods import make_method, method_class, parse_method
 from reference_impls.replay import cache_from_record, record_prefill
 
-__all__ = ["Cell", "Bench", "plan", "run_accuracy", "timing_pass", "read_rows", "SETTINGS"]
+__all__ = ["Cell", "Bench", "SETTINGS", "git_commit", "plan", "read_rows", "run_accuracy", "timing_pass", "write_rows"]
 
 SETTINGS = ("query-aware", "query-agnostic")
 
@@ -97,7 +97,7 @@ def _params(method) -> dict:
     return plain(method)
 
 
-def _commit() -> str:
+def git_commit() -> str:
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -123,7 +123,7 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, rows: list[dict]) -> None:
+def write_rows(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
@@ -265,7 +265,7 @@ def run_accuracy(bench: Bench, cells: list[Cell], progress: Optional[Callable[[i
                     recs = [done_samples[c.key][i] for i in range(len(samples))]
                     full = rows.get(full_cell.key) if full_cell and c.method != "full" else None
                     rows[c.key] = {**bench.cell_row(c, recs, full), "cell": c.key}
-                _write_atomic(bench.output, list(rows.values()))
+                write_rows(bench.output, list(rows.values()))
     return list(rows.values())
 
 
@@ -303,5 +303,5 @@ def timing_pass(bench: Bench, cells: list[Cell], repeats: int = 3, decode_tokens
         t = timed.get((r["method"], r["target_ratio"], r["length"], r["setting"]))
         if t:
             r.update(t)
-    _write_atomic(bench.output, list(rows.values()))
+    write_rows(bench.output, list(rows.values()))
     return list(rows.values())
