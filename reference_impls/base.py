@@ -17,7 +17,12 @@ which lets attention take its fast path and keeps an uncompressed store bit-iden
 always there), where each key and query sits in its row's sequence (`positions`, padding and holes -1), and
 the attention weights (`probs()`), computed once whoever asks. A method never rebuilds a causal mask or reads
 padding. What a method needs from the model (its rotary embedding, its tokenizer's token classes, the ids of
-the tokens seen, the number of layers) is a `Model` handed to `new_layer` once, when the stores are made.
+the tokens seen, the number of layers, the projection weights, the other layers' stores, a calibration prefill)
+is a `Model` handed to `new_layer` once, when the stores are made.
+
+Three optional hooks cover the families that change what attention reads or what the cache is given:
+`LayerStore.select` (retrieval: read a subset of a held cache, bytes read reported by `read_nbytes`),
+`Model.stores` (cross-layer sharing and merging) and `KVMethod.compress_prompt` (prompt compression).
 
 Keys arrive after RoPE, so a kept token keeps its original position; new tokens continue from the true
 sequence length (the integration module's cache reports tokens *seen*, not tokens kept).
@@ -94,6 +99,20 @@ class Model:
     rope: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
     tokenizer: object = None
     token_ids: Optional[Callable[[Tensor], Tensor]] = None
+    #: layer -> {"q", "k", "v", "o"}: that layer's attention projection weights, (out_features, in_features) as
+    #: nn.Linear holds them (q: (H D, d_model), k/v: (H_kv D, d_model), o: (d_model, H D)); for methods built on
+    #: the projections (Palu's SVD, CriticalKV's ||v W_o||). None when the model's layout is not recognised.
+    weights: Optional[Callable[[int], dict[str, Tensor]]] = None
+    #: this cache's stores, indexed by layer (filled once every store exists): the cross-layer view for methods
+    #: that share or merge layers (MiniCache, KVSharer). A store may read another layer's store, never replace it.
+    stores: list = field(default_factory=list)
+    #: (text, tokens) -> one dense `Step` per layer of an uncompressed prefill of calibration text that ships with
+    #: Python ("stdlib": standard-library docstrings; "passkey": a passkey prompt; "repeat": random tokens twice;
+    #: "random": random tokens), memoised and cached on disk (see `reference_impls.calibration`).
+    calibration: Optional[Callable[..., list]] = None
+    #: ids (1, T) -> (1, T) log p(x_t | x_<t) under the model itself (0 for the first token), for methods that
+    #: score a prompt before it is prefilled (Selective Context, LLMLingua)
+    logprobs: Optional[Callable[[Tensor], Tensor]] = None
 
 
 @dataclass
@@ -188,12 +207,30 @@ class LayerStore:
         """(B, H_kv, T_kept) stream indices of what is held; None when nothing was dropped."""
         return None
 
+    def select(self, step: Step) -> Optional[Tensor]:
+        """Before attention: (B, H_kv, q, T) bool, the held keys each query may read (retrieval methods such as
+        Quest read a few pages of a cache they keep whole), or None to read every key `step.mask` allows.
+        Attention and `step.mask` (hence `probs()`) then use `step.mask & selection`."""
+        return None
+
+    def read_nbytes(self) -> Optional[int]:
+        """Bytes the last attention call read from this store (selected keys/values plus whatever chose them,
+        e.g. page bounds), or None when it read everything held (then it equals `nbytes()`)."""
+        return None
+
 
 class KVMethod:
     """Base of every method. Subclasses are dataclasses whose fields are the method's knobs."""
 
     def new_layer(self, layer_idx: int, model: Model) -> LayerStore:
         raise NotImplementedError
+
+    def compress_prompt(self, context: Tensor, question: Optional[Tensor], model: Model) -> Tensor:
+        """Prompt compression: the context ids (1, n) -> the ids to prefill in their place (1, n' <= n), before
+        the cache sees anything. `question` (1, m) is given in the query-aware setting, None otherwise. Default:
+        the context unchanged. The cache of the shorter prompt is what is measured; ratios still count against
+        the full cache of the original prompt."""
+        return context
 
     @classmethod
     def from_ratio(cls, ratio: float, /, **knobs) -> "KVMethod":

@@ -14,10 +14,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from reference_impls.base import UNIT_BYTES, KVMethod
+from reference_impls.base import UNIT_BYTES, KVMethod, Model
 from reference_impls.integration import KVCache
 
-__all__ = ["Generation", "build_prompt", "eos_ids", "greedy_generate", "run_sample"]
+__all__ = ["Generation", "build_prompt", "eos_ids", "greedy_generate", "run_sample", "shorten_prompt"]
 
 
 def build_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> tuple[Tensor, Tensor]:
@@ -48,6 +48,9 @@ class Generation:
     #: the most held at once: the prompt's uncompressed states, which the first pass's attention uses before
     #: any method here compresses (in the model's dtype), or the cache after compressing or at the end
     peak_kv_bytes: int = 0
+    #: mean bytes attention read from the cache per decoded token (`KVCache.read_nbytes`): below kv_bytes_end
+    #: only for retrieval methods, which hold more than they read; None for the others (they read all they hold)
+    read_kv_bytes: Optional[float] = None
 
 
 @torch.no_grad()
@@ -73,15 +76,18 @@ def greedy_generate(model, cache: KVCache, prompt_parts: list[Tensor], max_new_t
     token = int(logits[0, -1].argmax())
     prefill_s = time.perf_counter() - t0
     tokens = [token]
+    read = []
     t1 = time.perf_counter()
     while len(tokens) < max_new_tokens and token not in eos_token_ids and not (stop and stop(tokens)):
         logits = model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True).logits
+        if (r := cache.read_nbytes()) is not None:
+            read.append(r)
         token = int(logits[0, -1].argmax())
         tokens.append(token)
     decode_s = time.perf_counter() - t1
     end = cache.nbytes()
     return Generation(tokens, prefill_s, decode_s, kv_bytes, full, end, cache.full_nbytes(UNIT_BYTES),
-                      max(uncompressed, kv_bytes, end))
+                      max(uncompressed, kv_bytes, end), sum(read) / len(read) if read else None)
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -91,12 +97,29 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def shorten_prompt(method: KVMethod, context: Tensor, question: Tensor, query_aware: bool, model: Model
+                   ) -> tuple[Tensor, int]:
+    """(context ids the cache gets, tokens removed): `method.compress_prompt`, checked. The question is shown to
+    the method only in the query-aware setting."""
+    short = method.compress_prompt(context, question if query_aware else None, model)
+    n = context.shape[1]
+    if not (isinstance(short, Tensor) and short.dim() == 2 and short.shape[0] == context.shape[0]
+            and 1 <= short.shape[1] <= n and not short.is_floating_point()):
+        got = tuple(short.shape) if isinstance(short, Tensor) else type(short).__name__
+        raise ValueError(f"{type(method).__name__}.compress_prompt must return token ids of shape (1, n') with "
+                         f"1 <= n' <= {n}, got {got}")
+    return short, n - short.shape[1]
+
+
 def run_sample(model, tokenizer, method: KVMethod, context: str, question: str, *, query_aware: bool = False,
                max_new_tokens: int = 32, answer_prefix: str = "") -> dict[str, Any]:
     """One prompt end to end: the answer and the measured bytes and times (the CLI's output record)."""
     ctx, qst = build_prompt(tokenizer, context, question, answer_prefix)
-    parts = [torch.cat([ctx, qst], dim=1)] if query_aware else [ctx, qst]
     cache = KVCache(model, method, tokenizer)
+    t0 = time.perf_counter()
+    short, cache.elided = shorten_prompt(method, ctx, qst, query_aware, cache.model_info)
+    compress_s = time.perf_counter() - t0
+    parts = [torch.cat([short, qst], dim=1)] if query_aware else [short, qst]
     eos = eos_ids(model, tokenizer)
     gen = greedy_generate(model, cache, parts, max_new_tokens, eos_token_ids=eos)
     text_tokens = [t for t in gen.tokens if t not in eos]
@@ -109,9 +132,11 @@ def run_sample(model, tokenizer, method: KVMethod, context: str, question: str, 
         "kv_bytes_end": gen.kv_bytes_end,
         "full_kv_bytes_end": gen.full_kv_bytes_end,
         "peak_kv_bytes": gen.peak_kv_bytes,
+        "read_kv_bytes": gen.read_kv_bytes,
         "prompt_tokens": int(ctx.shape[1] + qst.shape[1]),
         "compressed_tokens": int(ctx.shape[1] + (qst.shape[1] if query_aware else 0)),
-        "prefill_s": gen.prefill_s,
+        "prompt_kept_tokens": int(short.shape[1] + qst.shape[1]),
+        "prefill_s": compress_s + gen.prefill_s,
         "decode_tokens_per_s": n_decoded / gen.decode_s if gen.decode_s > 0 and n_decoded else float("nan"),
         "new_tokens": len(gen.tokens),
     }

@@ -34,7 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from reference_impls.base import KVMethod, LayerStore, Model, Step, repeat_kv
 
-__all__ = ["KVCache", "prepare_model", "ATTN_NAME"]
+__all__ = ["KVCache", "model_info", "prepare_model", "ATTN_NAME"]
 
 ATTN_NAME = "kvatlas"
 _active = threading.local()  # the KVCache whose update() ran last: its layer's attention comes next;
@@ -108,11 +108,11 @@ class KVCache(Cache):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = config.num_hidden_layers
         self.method = method
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-        self._rotary = getattr(decoder, "rotary_emb", None)  # Llama/Qwen/Mistral-style RoPE module
-        self.model_info = Model(num_layers=self.num_layers, rope=self.rope if self._rotary is not None else None,
-                                tokenizer=tokenizer, token_ids=self.ids_at)
+        self.model_info = model_info(model, tokenizer)
+        self.model_info.token_ids = self.ids_at
         super().__init__(layers=[_Layer(method.new_layer(i, self.model_info)) for i in range(self.num_layers)])
+        self.model_info.stores[:] = [layer.store for layer in self.layers]
+        self.elided = 0  # prompt tokens a prompt-compression method removed before the cache saw them
         self.compress_next = True
         self.since_compress = -1  # forward passes since the compressing pass (Step.since_compress)
         self.pad_valid: Optional[Tensor] = None  # (B, seen) bool, like the 2D attention mask; None while no padding
@@ -143,19 +143,23 @@ class KVCache(Cache):
         return sum(layer.store.nbytes() for layer in self.layers)
 
     def full_nbytes(self, element_bytes: Optional[int] = None) -> int:
-        """Bytes a full cache would hold for the tokens seen: 2 * L * B * H_kv * T * D * element_bytes.
+        """Bytes a full cache would hold for the tokens seen: 2 * L * B * H_kv * T * D * element_bytes (T counts
+        the prompt tokens a prompt-compression method removed, `elided`).
 
         element_bytes: None for the model's own dtype (what `DynamicCache` would hold); `UNIT_BYTES` (2) for the
         seeds' 16-bit unit, which the benchmark's ratios are counted against.
         """
         return sum(layer.full_elems * (element_bytes or layer.itemsize) for layer in self.layers)
 
-    # what methods may ask of the model (Model) -----------------------------------------------------
-    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """The model's (cos, sin) for positions (B, T), fp32, (B, T, D): what its attention layers applied."""
-        x = torch.empty(0, dtype=torch.float32, device=positions.device)
-        return self._rotary(x, positions)
+    def read_nbytes(self) -> Optional[int]:
+        """Bytes the last forward pass's attention read from the stores (what retrieval methods selected, and what
+        selecting cost; everything held for the other layers), or None when no store reads less than it holds."""
+        reads = [layer.store.read_nbytes() for layer in self.layers]
+        if all(r is None for r in reads):
+            return None
+        return sum(layer.store.nbytes() if r is None else r for layer, r in zip(self.layers, reads))
 
+    # what methods may ask of the model (Model) -----------------------------------------------------
     def ids_at(self, positions: Tensor) -> Tensor:
         """Ids of the tokens at `positions` (B, ...) of each row (-1 -> -1); needs the model to be fed ids."""
         if self.token_ids is None:
@@ -191,7 +195,7 @@ class KVCache(Cache):
         layer.pending = None
         B, H_kv, T, D = k.shape
         # full-cache bytes per layer, from the incoming states' shape and dtype (the baseline's layout)
-        layer.full_elems, layer.itemsize = 2 * B * H_kv * layer.seen * D, k.element_size()
+        layer.full_elems, layer.itemsize = 2 * B * H_kv * (layer.seen + self.elided) * D, k.element_size()
         if layer_idx == 0:
             self._begin_pass(hf_mask, B, q_len, k.device)
         # each key's position: its slot (dense, unpadded: 0 .. T - 1), through the padding record if any
@@ -204,9 +208,13 @@ class KVCache(Cache):
         step = Step(queries=query, keys=k, values=v, positions=positions, q_positions=self._q_positions,
                     scaling=scaling, compress=self.compress_next, layer_idx=layer_idx,
                     since_compress=self.since_compress)
+        selected = layer.store.select(step)
+        if selected is not None:  # a retrieval method reads a subset of what it holds
+            step._mask = step.mask & selected
         # no mask where it would allow everything anyway: every key in order (causal by shape), or one query
         # over held keys without holes (decoding after uniform eviction); both without padding
-        dense = self._slot_pos is None and (slots is None or (q_len == 1 and bool((slots >= 0).all())))
+        dense = selected is None and self._slot_pos is None and (
+            slots is None or (q_len == 1 and bool((slots >= 0).all())))
         out = _sdpa(query, k, v, None if dense else _attention_mask(step), scaling)
         layer.store.after_attention(step)
         if layer_idx == self.num_layers - 1 and self.compress_next:
@@ -235,6 +243,41 @@ class KVCache(Cache):
         elif self._ids_known:
             ids = ids.long()
             self.token_ids = ids if self.token_ids is None else torch.cat([self.token_ids, ids], dim=1)
+
+
+def model_info(model, tokenizer=None) -> Model:
+    """What a method may know about `model` (see `base.Model`), without a cache: its rotary embedding, projection
+    weights, calibration prefills and token log-probabilities. `KVCache` adds the token ids and the stores."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    rotary = getattr(decoder, "rotary_emb", None)  # Llama/Qwen/Mistral-style RoPE module
+    layers = getattr(decoder, "layers", None)
+    attn = getattr(layers[0], "self_attn", None) if layers is not None and len(layers) else None
+
+    def rope(positions: Tensor) -> tuple[Tensor, Tensor]:
+        """The model's (cos, sin) for positions (B, T), fp32, (B, T, D): what its attention layers applied."""
+        return rotary(torch.empty(0, dtype=torch.float32, device=positions.device), positions)
+
+    def weights(layer_idx: int) -> dict[str, Tensor]:
+        a = layers[layer_idx].self_attn
+        return {n: getattr(a, f"{n}_proj").weight.detach() for n in ("q", "k", "v", "o")}
+
+    def calibration(text: str = "stdlib", tokens: int = 1024) -> list[Step]:
+        from reference_impls.calibration import calibration_steps
+
+        return calibration_steps(model, tokenizer, text, tokens)
+
+    @torch.no_grad()
+    def logprobs(ids: Tensor) -> Tensor:
+        device = next(model.parameters()).device
+        logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1).cpu()
+
+    has_proj = attn is not None and all(hasattr(attn, f"{n}_proj") for n in ("q", "k", "v", "o"))
+    return Model(num_layers=config.num_hidden_layers, rope=rope if rotary is not None else None,
+                 tokenizer=tokenizer, weights=weights if has_proj else None, calibration=calibration,
+                 logprobs=logprobs)
 
 
 def _attention_mask(step: Step) -> Tensor:

@@ -75,19 +75,26 @@ def record_prefill(model, input_ids: Tensor) -> PrefillRecord:
                          input_ids=cache.token_ids)
 
 
-def cache_from_record(model, method: KVMethod, record: PrefillRecord, tokenizer=None) -> KVCache:
-    """The cache `method` would hold after a live prefill: each store gets the same append and step."""
+def cache_from_record(model, method: KVMethod, record: PrefillRecord, tokenizer=None, elided: int = 0) -> KVCache:
+    """The cache `method` would hold after a live prefill: each store gets the same append and step.
+
+    elided: prompt tokens a prompt-compression method removed before this (shorter) prompt was recorded; the
+    full-cache bytes count them, as a live `KVCache` with `elided` set does."""
     cache = KVCache(model, method, tokenizer)
+    cache.elided = elided
     T = record.keys[0].shape[2]
     cache.token_ids = record.input_ids
     for i, layer in enumerate(cache.layers):
         k, v = record.keys[i], record.values[i]
         kk, vv, _ = layer.store.append(k, v)
         layer.seen = T
-        layer.full_elems, layer.itemsize = 2 * k.shape[0] * k.shape[1] * T * k.shape[3], k.element_size()
-        # the attention weights are shared only when the store handed attention the recorded keys themselves
-        same = kk is k
+        layer.full_elems, layer.itemsize = 2 * k.shape[0] * k.shape[1] * (T + elided) * k.shape[3], k.element_size()
         step = Step.dense(record.queries[i], kk, vv, scaling=record.scaling, layer_idx=i)
+        selected = layer.store.select(step)
+        if selected is not None:  # a retrieval store reads a subset even of the prompt (as it would live)
+            step._mask = step.mask & selected
+        # the attention weights are shared only when the store handed attention the recorded keys themselves
+        same = kk is k and selected is None
         step._probs = record.probs.get(i) if same else None
         layer.store.after_attention(step)
         if same and step._probs is not None:

@@ -36,7 +36,8 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from reference_impls.bench.metrics import first_line
-from reference_impls.generation import build_prompt, eos_ids, greedy_generate
+from reference_impls.generation import build_prompt, eos_ids, greedy_generate, shorten_prompt
+from reference_impls.integration import model_info
 from reference_impls.methods import make_method, method_class, parse_method
 from reference_impls.replay import cache_from_record, record_prefill
 
@@ -175,6 +176,9 @@ class Bench:
             "timing": "accuracy pass (shared cores)", **self.info,
             "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
+        read = [r["read_kv_bytes"] for r in recs if r.get("read_kv_bytes") is not None]
+        if read:  # a retrieval method: holds kv_bytes, reads this much per decoded token
+            row["read_kv_bytes"] = round(sum(read) / len(read))
         if cell.method == "full" and row["score"] < self.min_full_score:
             row["dropped"] = f"full-cache score {row['score']:.2f} < {self.min_full_score:g}: task not benchmarked"
         return row
@@ -200,14 +204,18 @@ def run_sample(model, tokenizer, method, record, ctx, qst, aware: bool, max_new_
     """One method on one recorded prompt: (answer text, measurements). `decode_all`: ignore EOS and `stop`
     (the timing pass decodes a fixed number of tokens)."""
     t0 = time.perf_counter()
-    cache = cache_from_record(model, method, record, tokenizer)
-    compress_s = time.perf_counter() - t0
+    short, elided = shorten_prompt(method, ctx, qst, aware, model_info(model, tokenizer))
+    if elided:  # prompt compression: the shorter prompt is prefilled instead of the shared record
+        record = record_prefill(model, torch.cat([short, qst], dim=1) if aware else short)
+    cache = cache_from_record(model, method, record, tokenizer, elided=elided)
+    compress_s = time.perf_counter() - t0 - (record.seconds if elided else 0.0)
     gen = greedy_generate(model, cache, [] if aware else [qst], max_new_tokens, set() if decode_all else eos,
                           logits=record.logits if aware else None, stop=None if decode_all else stop)
     answer = tokenizer.decode([t for t in gen.tokens if t not in eos], skip_special_tokens=True)
     n_dec = len(gen.tokens) - 1
     return answer, {
         "kv_bytes": gen.kv_bytes, "full_kv_bytes": gen.full_kv_bytes, "peak_kv_bytes": gen.peak_kv_bytes,
+        "read_kv_bytes": gen.read_kv_bytes,
         "prompt_tokens": int(ctx.shape[1] + qst.shape[1]),
         "prefill_s": record.seconds + compress_s + gen.prefill_s, "compress_s": compress_s,
         "decode_tokens_per_s": n_dec / gen.decode_s if n_dec and gen.decode_s > 0 else None,

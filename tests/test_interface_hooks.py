@@ -1,0 +1,191 @@
+"""The interface's hooks for the families beyond eviction and quantization: a store that reads a subset
+(`LayerStore.select`, retrieval), the other layers' stores (`Model.stores`, cross-layer), the projection weights,
+calibration prefills, token log-probabilities and prompt compression (`KVMethod.compress_prompt`)."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from reference_impls import Full, KVCache
+from reference_impls.base import DenseStore, KVMethod, Model, nbytes
+from reference_impls.calibration import calibration_ids, calibration_steps
+from reference_impls.generation import greedy_generate, shorten_prompt
+from reference_impls.integration import model_info
+from reference_impls.models import tiny_llama
+from reference_impls.replay import cache_from_record, record_prefill
+
+
+def ids(n, seed=0):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+class FirstKeysStore(DenseStore):
+    """Toy retrieval: hold everything, let a decoding query read only the first `k` keys and its own."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k_read, self.read = k, None
+
+    def select(self, step):
+        if step.q_len > 1:
+            return None  # the prompt attends in full, as retrieval methods prefill
+        T = step.keys.shape[2]
+        sel = torch.zeros(T, dtype=torch.bool)
+        sel[: self.k_read] = True
+        sel[-1] = True
+        self.read = nbytes(self.k[:, :, : self.k_read + 1], self.v[:, :, : self.k_read + 1])
+        return sel.expand(*step.keys.shape[:2], 1, T)
+
+    def read_nbytes(self):
+        return self.read
+
+
+@dataclass
+class FirstKeys(KVMethod):
+    k: int = 5
+
+    def new_layer(self, layer_idx, model):
+        return FirstKeysStore(self.k)
+
+
+@torch.no_grad()
+def test_select_restricts_what_decoding_reads_and_reports_the_bytes_read(tiny=None):
+    model, x, k, steps = tiny_llama(), ids(30), 5, 3
+    cache = KVCache(model, FirstKeys(k))
+    logits = model(x, cache=cache).logits[:, -1]
+    assert torch.allclose(logits, model(x).logits[:, -1], atol=1e-5)  # the prompt read everything
+    seq = x
+    for _ in range(steps):
+        tok = logits.argmax(-1, keepdim=True)
+        seq = torch.cat([seq, tok], dim=1)
+        n = seq.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        for i in range(30, n):  # reference: each new token sees the first k tokens and itself only
+            mask[i] = False
+            mask[i, :k] = True
+            mask[i, i] = True
+        ref = model(seq, attention_mask=mask[None, None]).logits[:, -1]
+        logits = model(tok, cache=cache).logits[:, -1]
+        assert torch.allclose(logits, ref, atol=1e-5)
+    held = cache.nbytes()
+    assert cache.read_nbytes() == 2 * 2 * 2 * (k + 1) * 16 * 4 < held  # 2 layers x K,V x 2 heads x 6 keys x D x fp32
+    gen = greedy_generate(model, KVCache(model, FirstKeys(k)), [x], 4)
+    assert gen.read_kv_bytes == 2 * 2 * 2 * (k + 1) * 16 * 4
+    assert greedy_generate(model, KVCache(model, Full()), [x], 4).read_kv_bytes is None  # reads all it holds
+
+
+@torch.no_grad()
+def test_a_replayed_prefill_calls_select_too():
+    model, x = tiny_llama(), ids(40)
+    live = greedy_generate(model, KVCache(model, FirstKeys(3)), [x], 5)
+    rec = record_prefill(model, x)
+    replayed = greedy_generate(model, cache_from_record(model, FirstKeys(3), rec), [], 5, logits=rec.logits)
+    assert live.tokens == replayed.tokens
+
+
+class SharedStore(DenseStore):
+    """Toy cross-layer sharing: layer 1 attends with layer 0's keys and values and holds nothing."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def append(self, k, v):
+        owner = self.model.stores[0]
+        return owner.k, owner.v, None
+
+    def nbytes(self):
+        return 0
+
+
+@dataclass
+class ShareLayer0(KVMethod):
+    def new_layer(self, layer_idx, model):
+        return DenseStore() if layer_idx == 0 else SharedStore(model)
+
+
+@torch.no_grad()
+def test_stores_give_each_store_the_other_layers():
+    model, x = tiny_llama(), ids(20)
+    cache = KVCache(model, ShareLayer0())
+    assert cache.model_info.stores == [layer.store for layer in cache.layers]
+    seen = {}
+    orig = cache.layers[1].store.after_attention
+    cache.layers[1].store.after_attention = lambda step: (seen.setdefault("k", step.keys), orig(step))
+    model(x, cache=cache)
+    assert seen["k"] is cache.layers[0].store.k  # layer 1's attention used layer 0's keys
+    assert cache.nbytes() == cache.layers[0].store.nbytes() == cache.full_nbytes() // 2
+
+
+def test_weights_are_the_projections():
+    model = tiny_llama()
+    w = model_info(model).weights(1)
+    attn = model.model.layers[1].self_attn
+    assert set(w) == {"q", "k", "v", "o"} and torch.equal(w["k"], attn.k_proj.weight)
+    assert w["q"].shape == (64, 64) and w["k"].shape == (32, 64) and w["o"].shape == (64, 64)
+
+
+@torch.no_grad()
+def test_calibration_is_a_recorded_prefill_memoised_per_model():
+    model = tiny_llama()
+    steps = model_info(model).calibration("repeat", 64)
+    x = calibration_ids("repeat", 64, vocab_size=128)
+    assert torch.equal(x[:, :32], x[:, 32:])  # the same random tokens twice
+    rec = record_prefill(model, x)
+    assert len(steps) == 2 and all(torch.equal(s.keys, k) for s, k in zip(steps, rec.keys))
+    assert all(torch.equal(s.queries, q) for s, q in zip(steps, rec.queries))
+    again = calibration_steps(model, None, "repeat", 64)
+    assert again[0].keys is steps[0].keys  # memoised: one prefill per model and text
+    assert torch.equal(calibration_ids("stdlib", 16, None, 128), calibration_ids("random", 16, None, 128))
+    with pytest.raises(ValueError, match="calibration text must be one of stdlib, passkey, repeat, random"):
+        calibration_ids("wiki", 64, vocab_size=128)
+    with pytest.raises(ValueError, match="calibration tokens must be an int >= 8"):
+        calibration_ids("random", 4, vocab_size=128)
+
+
+@torch.no_grad()
+def test_logprobs_are_the_models_next_token_log_probabilities():
+    model, x = tiny_llama(), ids(12)
+    lp = model_info(model).logprobs(x)
+    ref = torch.log_softmax(model(x).logits[0].float(), -1)
+    assert lp.shape == (1, 12) and lp[0, 0] == 0
+    for t in range(1, 12):
+        assert torch.isclose(lp[0, t], ref[t - 1, x[0, t]], atol=1e-5)
+
+
+@dataclass
+class EveryOther(KVMethod):
+    """Toy prompt compression: keep every other context token (the question, when shown, is never dropped)."""
+
+    def compress_prompt(self, context, question, model):
+        return context[:, ::2]
+
+    def new_layer(self, layer_idx, model):
+        return DenseStore()
+
+
+@torch.no_grad()
+def test_prompt_compression_prefills_the_shorter_prompt_and_counts_against_the_original():
+    model, ctx, qst = tiny_llama(), ids(40), ids(6, seed=1)
+    cache = KVCache(model, EveryOther())
+    short, cache.elided = shorten_prompt(cache.method, ctx, qst, False, cache.model_info)
+    assert short.shape == (1, 20) and cache.elided == 20
+    gen = greedy_generate(model, cache, [short, qst], 3)
+    full = greedy_generate(model, KVCache(model, Full()), [ctx, qst], 3)
+    assert gen.full_kv_bytes == full.full_kv_bytes  # ratios count against the original prompt's full cache
+    assert gen.kv_bytes == 2 * 2 * 2 * 20 * 16 * 4  # layers x K,V x heads x 20 kept tokens x D x fp32
+    assert gen.full_kv_bytes == 2 * 2 * 2 * 40 * 16 * 2  # ... against 40 prompt tokens in the 16-bit unit
+    rec = record_prefill(model, short)
+    replayed = cache_from_record(model, EveryOther(), rec, elided=20)
+    assert replayed.full_nbytes() == 2 * 2 * 2 * 40 * 16 * 4  # layers x K,V x heads x 40 tokens x D x fp32
+
+
+def test_a_prompt_transform_must_return_a_shorter_id_tensor():
+    @dataclass
+    class Longer(EveryOther):
+        def compress_prompt(self, context, question, model):
+            return torch.cat([context, context], dim=1)
+
+    with pytest.raises(ValueError, match=r"Longer.compress_prompt must return token ids of shape \(1, n'\)"):
+        shorten_prompt(Longer(), ids(10), ids(3), True, Model())
