@@ -97,18 +97,33 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def template_head(tokenizer, context: Tensor) -> int:
+    """Tokens of the chat template before the user's text at the start of `context` (1, n) (system prompt, turn
+    header): LLMLingua-style methods compress the user's context, never the template. 0 without a template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return 0
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False,
+                                         add_generation_prompt=True)
+    head = tokenizer(text[: text.index("\x00")], add_special_tokens=False).input_ids
+    return len(head) if context[0, : len(head)].tolist() == head else 0
+
+
 def shorten_prompt(method: KVMethod, context: Tensor, question: Tensor, query_aware: bool, model: Model
                    ) -> tuple[Tensor, int]:
-    """(context ids the cache gets, tokens removed): `method.compress_prompt`, checked. The question is shown to
-    the method only in the query-aware setting."""
-    short = method.compress_prompt(context, question if query_aware else None, model)
-    n = context.shape[1]
+    """(context ids the cache gets, tokens removed): `method.compress_prompt` on the user's text (the template's
+    head is kept), checked. The question is shown to the method only in the query-aware setting."""
+    h = template_head(model.tokenizer, context)
+    body = context[:, h:]
+    short = method.compress_prompt(body, question if query_aware else None, model)
+    n = body.shape[1]
+    if short is body:
+        return context, 0
     if not (isinstance(short, Tensor) and short.dim() == 2 and short.shape[0] == context.shape[0]
             and 1 <= short.shape[1] <= n and not short.is_floating_point()):
         got = tuple(short.shape) if isinstance(short, Tensor) else type(short).__name__
         raise ValueError(f"{type(method).__name__}.compress_prompt must return token ids of shape (1, n') with "
                          f"1 <= n' <= {n}, got {got}")
-    return short, n - short.shape[1]
+    return torch.cat([context[:, :h], short.to(context.dtype)], dim=1), n - short.shape[1]
 
 
 def run_sample(model, tokenizer, method: KVMethod, context: str, question: str, *, query_aware: bool = False,
