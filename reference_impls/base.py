@@ -50,18 +50,22 @@ def repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 or x.shape[1] == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def attention_probs(q: Tensor, k: Tensor, mask: Optional[Tensor], scaling: float) -> Tensor:
+def attention_probs(q: Tensor, k: Tensor, mask: Optional[Tensor], scaling: float, bias: Optional[Tensor] = None
+                    ) -> Tensor:
     """Softmax attention weights, the slow explicit way (fp32).
 
-    q (B, H, q, D), k (B, H_kv, T, D), mask (B, H_kv or 1, q, T) bool or None -> (B, H, q, T); a query that
-    may see no key gets a row of zeros. The G query heads of a group are multiplied against their KV head as
-    one block (no copy of the keys per query head).
+    q (B, H, q, D), k (B, H_kv, T, D), mask (B, H_kv or 1, q, T) bool or None, bias (B, H_kv, T) added to every
+    query's logit of that key (see `LayerStore.logit_bias`) or None -> (B, H, q, T); a query that may see no key
+    gets a row of zeros. The G query heads of a group are multiplied against their KV head as one block (no copy
+    of the keys per query head).
     """
     B, H, n, D = q.shape
     H_kv, T = k.shape[1], k.shape[2]
     G = H // H_kv
     logits = torch.matmul(q.float().reshape(B, H_kv, G * n, D), k.float().transpose(-1, -2)).mul_(scaling)
     logits = logits.view(B, H_kv, G, n, T)
+    if bias is not None:
+        logits += bias.float()[:, :, None, None, :]
     if mask is not None:  # in place: a 1.5k-token prefill's logits are 9 x 1500 x 1500 per layer
         logits.masked_fill_(~mask[:, :, None], float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(B, H, n, T)
@@ -132,6 +136,7 @@ class Step:
     compress: bool
     layer_idx: int
     since_compress: int = 0  # forward passes since the compressing pass: 0 on it, -1 before it
+    bias: Optional[Tensor] = None  # (B, H_kv, T) logit bias of each key (`LayerStore.logit_bias`), None = 0
     _mask: Optional[Tensor] = field(default=None, repr=False)
     _probs: Optional[Tensor] = field(default=None, repr=False)
 
@@ -178,7 +183,7 @@ class Step:
         """(B, H, q, T) attention weights of this step (fp32), computed once on demand. Read-only: a replayed
         prefill shares them between every method compressing from it."""
         if self._probs is None:
-            self._probs = attention_probs(self.queries, self.keys, self.mask, self.scaling)
+            self._probs = attention_probs(self.queries, self.keys, self.mask, self.scaling, self.bias)
         return self._probs
 
     def last(self, n: int) -> "Step":
@@ -211,6 +216,12 @@ class LayerStore:
         """Before attention: (B, H_kv, q, T) bool, the held keys each query may read (retrieval methods such as
         Quest read a few pages of a cache they keep whole), or None to read every key `step.mask` allows.
         Attention and `step.mask` (hence `probs()`) then use `step.mask & selection`."""
+        return None
+
+    def logit_bias(self) -> Optional[Tensor]:
+        """(B, H_kv, T) float added to every query's attention logit of each held key, or None (no bias): log of
+        the number of tokens a held key stands for, so that a token merged from m tokens draws attention as m
+        copies would (RazorAttention's compensation token, Eq. 5). Counted in `nbytes` by the store that holds it."""
         return None
 
     def read_nbytes(self) -> Optional[int]:

@@ -211,9 +211,10 @@ class KVCache(Cache):
         selected = layer.store.select(step)
         if selected is not None:  # a retrieval method reads a subset of what it holds
             step._mask = step.mask & selected
+        step.bias = layer.store.logit_bias()
         # no mask where it would allow everything anyway: every key in order (causal by shape), or one query
         # over held keys without holes (decoding after uniform eviction); both without padding
-        dense = selected is None and self._slot_pos is None and (
+        dense = selected is None and step.bias is None and self._slot_pos is None and (
             slots is None or (q_len == 1 and bool((slots >= 0).all())))
         out = _sdpa(query, k, v, None if dense else _attention_mask(step), scaling)
         layer.store.after_attention(step)
@@ -282,9 +283,14 @@ def model_info(model, tokenizer=None) -> Model:
 
 def _attention_mask(step: Step) -> Tensor:
     """The mask attention uses: the step's, except that a padding query (which sees nothing in `step.mask`) sees
-    every key instead of producing NaN (its output is never used)."""
+    every key instead of producing NaN (its output is never used); with a logit bias, an additive float mask."""
     mask = step.mask
-    return mask | ~mask.any(dim=-1, keepdim=True)
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    if step.bias is None:
+        return mask
+    # additive float mask: the keys' logit bias where visible, -inf elsewhere
+    bias = step.bias.to(step.queries.dtype)[:, :, None, :]
+    return torch.where(mask, bias, torch.finfo(step.queries.dtype).min)
 
 
 def _record_ids(module, args, kwargs):

@@ -93,8 +93,9 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord, tokenizer=
         selected = layer.store.select(step)
         if selected is not None:  # a retrieval store reads a subset even of the prompt (as it would live)
             step._mask = step.mask & selected
+        step.bias = layer.store.logit_bias()
         # the attention weights are shared only when the store handed attention the recorded keys themselves
-        same = kk is k and selected is None
+        same = kk is k and selected is None and step.bias is None
         step._probs = record.probs.get(i) if same else None
         layer.store.after_attention(step)
         if same and step._probs is not None:

@@ -189,3 +189,43 @@ def test_a_prompt_transform_must_return_a_shorter_id_tensor():
 
     with pytest.raises(ValueError, match=r"Longer.compress_prompt must return token ids of shape \(1, n'\)"):
         shorten_prompt(Longer(), ids(10), ids(3), True, Model())
+
+
+class BiasedStore(DenseStore):
+    """Toy: key 0 stands for 3 tokens (log 3 added to its logits), as a merged or compensation token would."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def logit_bias(self):
+        b = torch.zeros(self.k.shape[:3])
+        b[:, :, 0] = torch.log(torch.tensor(3.0))
+        return b
+
+    def after_attention(self, step):
+        self.steps.append(step)
+
+
+@dataclass
+class Biased(KVMethod):
+    def new_layer(self, layer_idx, model):
+        return BiasedStore()
+
+
+@torch.no_grad()
+def test_a_logit_bias_weighs_a_key_as_that_many_copies():
+    """Reference: plain softmax attention where key 0 (and its value) is repeated 3 times, no bias."""
+    model, x = tiny_llama(), ids(20)
+    cache = KVCache(model, Biased())
+    out = model(x, cache=cache).logits
+    model(out[:, -1:].argmax(-1), cache=cache)
+    step = cache.layers[1].store.steps[-1]  # the decoding step of layer 1
+    k3 = torch.cat([step.keys[:, :, :1], step.keys[:, :, :1], step.keys], dim=2)
+    G = step.queries.shape[1] // k3.shape[1]
+    logits = torch.einsum("bhqd,bhtd->bhqt", step.queries, k3.repeat_interleave(G, 1)) * step.scaling
+    ref = torch.softmax(logits, -1)
+    ref = torch.cat([ref[..., :3].sum(-1, keepdim=True), ref[..., 3:]], dim=-1)
+    assert torch.allclose(step.probs(), ref, atol=1e-5)
+    full = model(x).logits
+    assert not torch.allclose(out, full, atol=1e-3)  # the bias changed the prompt's attention too
