@@ -34,7 +34,7 @@ model, tok = load_model(dtype="bfloat16")
 # %%
 sample = passkey_samples(1, 1000, seed=2, tokenizer=tok)[0]
 ctx, qst = build_prompt(tok, sample["context"], sample["question"], sample["answer_prefix"])
-info = KVCache(model, LLMLingua()).model_info
+info = KVCache(model, LLMLingua(), tok).model_info
 for r in (2, 4, 8):
     short, elided = shorten_prompt(LLMLingua(ratio=r), ctx, qst, False, info)
     head = ctx.shape[1] - short.shape[1] - elided

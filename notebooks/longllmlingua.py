@@ -27,7 +27,7 @@ from reference_impls.prompt import LLMLingua, LongLLMLingua
 from reference_impls.prompt.units import documents
 
 model, tok = load_model(dtype="bfloat16")
-info = KVCache(model, LongLLMLingua()).model_info
+info = KVCache(model, LongLLMLingua(), tok).model_info
 
 # %% [markdown]
 # ## The observation in miniature: the question finds the needle's document

@@ -37,7 +37,7 @@ model, tok = load_model(dtype="bfloat16")
 # %%
 sample = passkey_samples(1, 1000, seed=1, tokenizer=tok)[0]
 ctx, qst = build_prompt(tok, sample["context"], sample["question"], sample["answer_prefix"])
-cache = KVCache(model, SelectiveContext(ratio=4, unit="token"))
+cache = KVCache(model, SelectiveContext(ratio=4, unit="token"), tok)
 short, elided = shorten_prompt(cache.method, ctx, qst, False, cache.model_info)
 head = ctx.shape[1] - (short.shape[1] + elided)  # the chat template's head is never dropped
 body = ctx[:, head:]
@@ -65,7 +65,7 @@ print("passkey digits' median rank among", body.shape[1], "tokens:", int(rank[di
 for unit in ("token", "sentence"):
     for r in (2, 4, 8):
         m = SelectiveContext(ratio=r, unit=unit)
-        s, _ = shorten_prompt(m, ctx, qst, False, KVCache(model, m).model_info)
+        s, _ = shorten_prompt(m, ctx, qst, False, KVCache(model, m, tok).model_info)
         kept = "".join(tok.decode(t) for t in s[0, head:])
         print(f"{unit:8s} {r}x: passkey {sample['answer']} in the kept text: {sample['answer'] in kept.replace(' ', '')}")
 
