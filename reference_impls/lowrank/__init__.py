@@ -1,0 +1,5 @@
+"""Low-rank and channel methods: caches that keep every token but fewer dimensions of its keys or values."""
+
+from reference_impls.lowrank.think import ThinK, think_channels, think_prune, think_restore, think_scores
+
+__all__ = ["ThinK", "think_channels", "think_prune", "think_restore", "think_scores"]
