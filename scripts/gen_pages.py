@@ -91,6 +91,7 @@ BENCH = BENCH if BENCH.is_absolute() else ROOT / BENCH
 BENCH_REL = BENCH.relative_to(ROOT).as_posix() if BENCH.is_relative_to(ROOT) else str(BENCH)
 bench_rows = leaderboard.load_rows(BENCH)
 quick_rows = leaderboard.load_rows(BENCH, quick=True)
+passkey_rows = leaderboard.load_rows(BENCH, group="passkey30")
 names = {e.id: e.name for e in entries}
 
 
@@ -174,8 +175,9 @@ def measured_section(e) -> list[str]:
     legacy passkey runs' (fp32), or why there are none."""
     rows = sorted(measured.get(e.id, []), key=lambda s: (s["setting"], s["target_ratio"]))
     bench = leaderboard.overall([r for r in bench_rows if e.id in r["ids"]])
+    passkey = [r for r in passkey_rows if e.id in r["ids"]]
     out = ["### Measured by this atlas", ""]
-    if not rows and not bench:
+    if not rows and not bench and not passkey:
         out += ["Not measured yet: " + ("the method has no reference implementation in kvatlas." if not e.implementation
                 else "no results file; run `kvatlas bench --methods " + e.id + "`."), ""]
         return out
@@ -190,6 +192,16 @@ def measured_section(e) -> list[str]:
         out += [f"| {leaderboard.method_md(o['method'], o['ids'], names, '')} | {o['setting']} | {o['target_ratio']:g} "
                 f"| {o['achieved_ratio']:.2f} | {o['score']:.2f} | {leaderboard.fmt(o['relative'])} | {o['tasks']} |"
                 for o in bench] + [""]
+    if passkey:
+        out += [f"On the passkey set ({max(r['n'] for r in passkey)} prompts, both settings; 16-bit unit; the "
+                "[leaderboard](../leaderboard.md#every-method-on-passkey-both-settings) has every method):", "",
+                "| Method | Setting | Target (×) | Achieved (×) | Read (×) | Accuracy | Full cache |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {leaderboard.method_md(r['method'], r['ids'], names, '')} | {r['setting']} | {r['target_ratio']:g} "
+                f"| {r['achieved_ratio']:.2f} | "
+                f"{leaderboard.fmt(r['full_kv_bytes'] / r['read_kv_bytes'] if r.get('read_kv_bytes') else None)} | "
+                f"{r['score']:.2f} | {leaderboard.fmt(r['full_score'])} |"
+                for r in sorted(passkey, key=lambda r: (r["method"], r["setting"], r["target_ratio"]))] + [""]
     if not rows:
         return out
     cfg = configs.get(measured_file[e.id], {})
@@ -409,7 +421,7 @@ nav["The two seeds"] = "seeds.md"
 # ---------------------------------------------------------------------------------------------------- leaderboard
 # The benchmark (`kvatlas bench`, 16-bit unit) from KVATLAS_BENCH_RESULTS (default results/bench; the tests and
 # layout builds point it at tests/fixtures/bench); the findings checked on it; the legacy passkey runs (fp32 unit).
-write("leaderboard.md", leaderboard.leaderboard_page(bench_rows, names, BENCH_REL, quick_rows))
+write("leaderboard.md", leaderboard.leaderboard_page(bench_rows, names, BENCH_REL, quick_rows, passkey_rows))
 nav["Leaderboard"] = "leaderboard.md"
 from reference_impls.bench.tasks import TASKS  # noqa: E402
 

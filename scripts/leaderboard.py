@@ -26,15 +26,22 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 # ---------------------------------------------------------------------------------------------------- rows
-def load_rows(folder: Path, quick: bool = False) -> list[dict]:
+#: file-name prefixes of results shown in their own section, not in the main grid's tables: the quick grid
+#: (`kvatlas bench --quick`, fewer prompts) and the passkey evidence of every method (30 prompts, both settings)
+APART = ("quick", "passkey30")
+
+
+def load_rows(folder: Path, quick: bool = False, group: str | None = None) -> list[dict]:
     """Every cell line of folder/*.jsonl, in file order (the per-sample sidecars `*.samples.jsonl` are not
-    cells). `quick`: only the `quick*.jsonl` files (`kvatlas bench --quick`), else all the others: the quick
-    grid re-measures some cells with fewer prompts, so it is shown apart. A cell measured twice (the full cache
-    runs in every shard) is kept once. A bad line stops the build with its file:line: a leaderboard that
-    silently drops cells would rank methods on different evidence."""
+    cells). `group`: only the files whose name starts with it (one of `APART`; `quick=True` is `group="quick"`),
+    else all the others: those re-measure some cells with other prompts, so they are shown apart. A cell measured
+    twice (the full cache runs in every shard) is kept once. A bad line stops the build with its file:line: a
+    leaderboard that silently drops cells would rank methods on different evidence."""
+    group = "quick" if quick else group
     rows, seen = [], set()
     paths = [p for p in sorted(Path(folder).glob("*.jsonl")) if not p.name.endswith(".samples.jsonl")]
-    for path in (p for p in paths if p.name.startswith("quick") == quick):
+    mine = (lambda n: n.startswith(group)) if group else (lambda n: not n.startswith(APART))
+    for path in (p for p in paths if mine(p.name)):
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -257,8 +264,31 @@ def quick_section(rows: list[dict], names: dict[str, str]) -> list[str]:
         rows, names)
 
 
+def passkey_section(rows: list[dict], names: dict[str, str]) -> list[str]:
+    """Every method on the passkey set in both settings at each target (the families' evidence): accuracy, the
+    achieved ratio, and for retrieval methods the ratio of bytes read per decoded token."""
+    if not rows:
+        return []
+    n, length = max(r["n"] for r in rows), sorted({r["length"] for r in rows})
+    out = ["## Every method on passkey, both settings", "",
+           f"{n} passkey prompts of {', '.join(map(str, length))} tokens per cell, query-aware (question prefilled "
+           "with the context) and query-agnostic (context compressed before the question arrives), at each "
+           "target ratio. Retrieval methods hold the whole cache and read part of it per decoded token: their "
+           "achieved ratio is about 1 and the *read* ratio (full 16-bit bytes over bytes read per token) is the "
+           "one that reaches the target. Prompt-compression methods' bytes are the shorter prompt's cache.", "",
+           '<div class="kv-faceted" data-facets="1,2,3" markdown="1">', "",
+           "| Method | Family | Setting | Target (×) | Achieved (×, 16-bit) | Read (×) | Accuracy | Full cache "
+           "| Relative | KV MiB | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["method"], r["setting"], r["target_ratio"])):
+        read = r["full_kv_bytes"] / r["read_kv_bytes"] if r.get("read_kv_bytes") else None
+        out.append(f"| {method_md(r['method'], r['ids'], names)} | {r['family']} | {r['setting']} | "
+                   f"{r['target_ratio']:g} | {r['achieved_ratio']:.2f} | {fmt(read)} | {r['score']:.2f} | "
+                   f"{fmt(r['full_score'])} | {fmt(relative(r))} | {mib(r['kv_bytes'])} | {r['n']} |")
+    return out + ["", "</div>", "", provenance(rows), ""]
+
+
 def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "results/bench",
-                     quick: list[dict] = ()) -> str:
+                     quick: list[dict] = (), passkey: list[dict] = ()) -> str:
     """leaderboard.md: setup, overall table, per task a table and a Pareto figure, and the heatmaps."""
     out = ["# Leaderboard", "",
            "Every implemented method, alone and composed, under one setup: the same model, prompts, batch and "
@@ -305,7 +335,7 @@ def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "res
         out += [f"### Target {target:g}×", "", heatmap(rows, target, names), "", provenance(rs), ""]
     out += ["Times are wall times of the `device` named above; the `timing` field says whether they come from "
             "an accuracy pass on shared cores or a timing pass run alone.", ""]
-    return "\n".join(out + quick_section(list(quick), names))
+    return "\n".join(out + passkey_section(list(passkey), names) + quick_section(list(quick), names))
 
 
 # ---------------------------------------------------------------------------------------------------- legacy
