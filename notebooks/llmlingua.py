@@ -23,7 +23,7 @@ import torch
 
 from reference_impls import KVCache, load_model
 from reference_impls.data import passkey_samples
-from reference_impls.generation import build_prompt, run_sample, shorten_prompt
+from reference_impls.generation import build_prompt, run_sample, shorten_prompt, template_head
 from reference_impls.prompt import LLMLingua, SelectiveContext
 
 model, tok = load_model(dtype="bfloat16")
@@ -37,7 +37,7 @@ ctx, qst = build_prompt(tok, sample["context"], sample["question"], sample["answ
 info = KVCache(model, LLMLingua(), tok).model_info
 for r in (2, 4, 8):
     short, elided = shorten_prompt(LLMLingua(ratio=r), ctx, qst, False, info)
-    head = ctx.shape[1] - short.shape[1] - elided
+    head = template_head(tok, ctx)  # the chat template's head: never compressed
     print(f"{r}x: {ctx.shape[1] - head} context tokens -> {short.shape[1] - head}; "
           f"template head kept: {torch.equal(short[:, :head], ctx[:, :head])}")
 

@@ -25,7 +25,7 @@ import torch
 
 from reference_impls import KVCache, load_model
 from reference_impls.data import passkey_samples
-from reference_impls.generation import build_prompt, run_sample, shorten_prompt
+from reference_impls.generation import build_prompt, run_sample, shorten_prompt, template_head
 from reference_impls.prompt import SelectiveContext
 
 model, tok = load_model(dtype="bfloat16")
@@ -39,7 +39,8 @@ sample = passkey_samples(1, 1000, seed=1, tokenizer=tok)[0]
 ctx, qst = build_prompt(tok, sample["context"], sample["question"], sample["answer_prefix"])
 cache = KVCache(model, SelectiveContext(ratio=4, unit="token"), tok)
 short, elided = shorten_prompt(cache.method, ctx, qst, False, cache.model_info)
-head = ctx.shape[1] - (short.shape[1] + elided)  # the chat template's head is never dropped
+head = template_head(tok, ctx)  # the chat template's head (system prompt, turn header) is never dropped
+assert torch.equal(short[:, :head], ctx[:, :head])
 body = ctx[:, head:]
 with torch.no_grad():
     logp = torch.log_softmax(model(body).logits[0].float(), -1)
