@@ -91,7 +91,7 @@ BENCH = BENCH if BENCH.is_absolute() else ROOT / BENCH
 BENCH_REL = BENCH.relative_to(ROOT).as_posix() if BENCH.is_relative_to(ROOT) else str(BENCH)
 bench_rows = leaderboard.load_rows(BENCH)
 quick_rows = leaderboard.load_rows(BENCH, quick=True)
-passkey_rows = leaderboard.load_rows(BENCH, group="passkey30")
+passkey_rows = leaderboard.load_rows(BENCH, group="passkey-")
 names = {e.id: e.name for e in entries}
 
 

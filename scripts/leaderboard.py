@@ -27,8 +27,8 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 # ---------------------------------------------------------------------------------------------------- rows
 #: file-name prefixes of results shown in their own section, not in the main grid's tables: the quick grid
-#: (`kvatlas bench --quick`, fewer prompts) and the passkey evidence of every method (30 prompts, both settings)
-APART = ("quick", "passkey30")
+#: (`kvatlas bench --quick`, fewer prompts) and the passkey evidence of every method (`passkey-*.jsonl`, both settings)
+APART = ("quick", "passkey-")
 
 
 def load_rows(folder: Path, quick: bool = False, group: str | None = None) -> list[dict]:

@@ -172,9 +172,9 @@ def test_passkey_evidence_is_shown_apart_with_the_read_ratio(tmp_path):
     (tmp_path / "grid.jsonl").write_text(json.dumps(row()) + "\n")
     ev = row(method="quest", target=4.0)
     ev.update(ids=["quest"], family="retrieval", full_kv_bytes=4000, kv_bytes=4000, read_kv_bytes=1000, n=30)
-    (tmp_path / "passkey30.jsonl").write_text(json.dumps(ev) + "\n")
+    (tmp_path / "passkey-retrieval.jsonl").write_text(json.dumps(ev) + "\n")
     assert len(lb.load_rows(tmp_path)) == 1  # not in the main grid's tables
-    rows = lb.load_rows(tmp_path, group="passkey30")
+    rows = lb.load_rows(tmp_path, group="passkey-")
     assert [r["method"] for r in rows] == ["quest"]
     page = lb.leaderboard_page(lb.load_rows(tmp_path), {}, passkey=rows)
     line = next(x for x in page.splitlines() if x.startswith("| quest"))
