@@ -17,7 +17,8 @@ variant (k-means++ on each prompt's angles, per layer) is not implemented. (2) T
 =False` gives the paper's PolarQuant without it. (3) Radii are stored in the cache's dtype (the paper: 16 bits).
 (4) Only single-token decoding steps stay in full precision (a later multi-token prompt part, e.g. a question, is
 quantized like the prompt); `quantize_generated=True` quantizes them too. (5) Bit widths other than (4, 2, 2, 2)
-(the rungs of `from_ratio`) are extensions. A token's codes of all levels form one packed bit stream (uint8, as the paper packs them).
+(the rungs of `from_ratio`) are extensions. A token's codes of all levels form one packed bit stream (uint8, as the
+paper packs them).
 """
 
 from __future__ import annotations
@@ -90,13 +91,14 @@ def polarquant_quantize(x: Tensor, bits: tuple[int, ...], *, seed: int = 0, prec
     idx = []
     for level, (psi, b) in enumerate(zip(angles, bits), start=1):
         c = polar_codebook(level, b).float().to(x.device)
-        idx.append(torch.bucketize(psi, (c[1:] + c[:-1]) / 2).to(torch.uint8))  # Quant: the nearest centroid
+        idx.append(torch.bucketize(psi.contiguous(), (c[1:] + c[:-1]) / 2).to(torch.uint8))  # Quant: nearest centroid
     return {"idx": idx, "radius": r.to(radius_dtype)}
 
 
 def polarquant_dequantize(q: dict, bits: tuple[int, ...], *, seed: int = 0, precondition: bool = True) -> Tensor:
     """Algorithm 1's DeQuant: centroids in place of the angles, inverse polar transform, x = Pi^T y -> fp32."""
-    angles = [polar_codebook(level, b).float().to(i.device)[i.long()] for level, (i, b) in enumerate(zip(q["idx"], bits), 1)]
+    angles = [polar_codebook(level, b).float().to(i.device)[i.long()]
+              for level, (i, b) in enumerate(zip(q["idx"], bits), start=1)]
     y = polar_inverse(q["radius"].float(), angles)
     return y @ random_rotation(y.shape[-1], seed).to(y.device) if precondition else y
 

@@ -155,7 +155,7 @@ def pack_fields(codes: list[Tensor], bits: list[int]) -> Tensor:
     (b_0 bits each), then those of `codes[1]` ... in `pack`'s little-endian layout (so pack_fields([c], [b]) ==
     pack(c, b)). [(..., n_i) uint8] -> (..., ceil(sum n_i b_i / 8)); no byte is padded between fields."""
     if len(codes) != len(bits) or not codes:
-        raise ValueError(f"pack_fields needs one width per code tensor, got {len(codes)} tensors and {len(bits)} widths")
+        raise ValueError(f"pack_fields needs one width per code tensor, got {len(codes)} tensors, {len(bits)} widths")
     streams = []
     for c, b in zip(codes, bits):
         _check_pack(b)

@@ -23,6 +23,7 @@ precision. (6) Codebooks are solved on a 2^16-point grid of f (Lloyd-Max to 1e-1
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -39,7 +40,6 @@ __all__ = ["TurboQuant", "beta_pdf", "lloyd_max", "random_rotation", "turboquant
            "turboquant_dequantize", "turboquant_quantize"]
 
 _CODEBOOKS: dict[tuple[int, int], Tensor] = {}  # (d, bits) -> centroids, computed once
-_ROTATIONS: dict[tuple[int, int], Tensor] = {}  # (d, seed) -> Pi
 
 
 def beta_pdf(x: Tensor, d: int) -> Tensor:
@@ -82,14 +82,13 @@ def turboquant_codebook(d: int, bits: int) -> Tensor:
     return _CODEBOOKS[d, bits]
 
 
+@functools.lru_cache(maxsize=16)
 def random_rotation(d: int, seed: int) -> Tensor:
     """Pi (d, d) fp32, a Haar-random orthogonal matrix: QR of an i.i.d. N(0, 1) matrix (Section 3.1), with the
-    signs of R's diagonal moved into Q so the distribution is exactly uniform (Mezzadri 2007). Cached."""
-    if (d, seed) not in _ROTATIONS:
-        a = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        q, r = torch.linalg.qr(a)
-        _ROTATIONS[d, seed] = (q * torch.sign(torch.diagonal(r))).float()
-    return _ROTATIONS[d, seed]
+    signs of R's diagonal moved into Q so the distribution is exactly uniform (Mezzadri 2007). Cached: read-only."""
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    return (q * torch.sign(torch.diagonal(r))).float()
 
 
 def _mse_dequantize(idx: Optional[Tensor], norm: Tensor, D: int, b: int, seed: int) -> Tensor:
