@@ -110,7 +110,8 @@ paper = {1: 0.36, 2: 0.117, 3: 0.03, 4: 0.009}
 fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
 ax[0].semilogy(bits, d_mse["mse"], "o-", label="TurboQuant_mse (SmolLM2 keys)")
 ax[0].semilogy(bits, d_mse["prod"], "s-", label="TurboQuant_prod")
-ax[0].semilogy(bits, [math.sqrt(3) * math.pi / 2 * 4.0 ** -b for b in bits], "k--", label=r"upper $\frac{\sqrt{3}\pi}{2}4^{-b}$")
+ax[0].semilogy(bits, [math.sqrt(3) * math.pi / 2 * 4.0 ** -b for b in bits], "k--",
+               label=r"upper $\frac{\sqrt{3}\pi}{2}4^{-b}$")
 ax[0].semilogy(bits, [4.0 ** -b for b in bits], "k:", label=r"lower $4^{-b}$")
 ax[0].plot(list(paper), list(paper.values()), "r+", ms=12, label="paper's refined values")
 ax[0].set_xlabel("bits per coordinate b"); ax[0].set_ylabel(r"$D_{mse}$ (unit vectors)"); ax[0].legend(fontsize=7)
@@ -124,7 +125,8 @@ plt.tight_layout(); plt.show()
 print(f"{'b':>2} {'D_mse':>7} {'paper':>6} {'bound':>6} {'D_prod mse':>11} {'D_prod prod':>12} {'slope mse':>10} "
       f"{'slope prod':>10}")
 for i, b in enumerate(bits):
-    print(f"{b:2d} {d_mse['mse'][i]:7.4f} {paper.get(b, float('nan')):6.3f} {math.sqrt(3) * math.pi / 2 * 4.0 ** -b:6.3f} "
+    bound = math.sqrt(3) * math.pi / 2 * 4.0 ** -b
+    print(f"{b:2d} {d_mse['mse'][i]:7.4f} {paper.get(b, float('nan')):6.3f} {bound:6.3f} "
           f"{d_prod['mse'][i]:11.2e} {d_prod['prod'][i]:12.2e} {bias['mse'][i]:10.3f} {bias['prod'][i]:10.3f}")
 
 # %% [markdown]
@@ -164,7 +166,8 @@ def through_store(method, k, v):
 
 methods = {**{f"TurboQuant b={b}": TurboQuant(bits=b) for b in (2, 3, 4)},
            **{f"TurboQuant_prod b={b}": TurboQuant(bits=b, variant="prod") for b in (3, 4)},
-           **{f"KIVI-{b}": KIVI(bits=b) for b in (2, 4)}, **{f"KIVI-{b} R=0": KIVI(bits=b, residual_length=0) for b in (2, 4)}}
+           **{f"KIVI-{b}": KIVI(bits=b) for b in (2, 4)},
+           **{f"KIVI-{b} R=0": KIVI(bits=b, residual_length=0) for b in (2, 4)}}
 res = {}
 for name, m in methods.items():
     errs, held, full = [], 0, 0
@@ -182,7 +185,8 @@ for family, mark in (("TurboQuant b", "o"), ("TurboQuant_prod", "s"), ("KIVI", "
     plt.plot(*zip(*pts), mark + "-", label=family.replace(" b", "_mse"))
 pts = sorted(v for n, v in res.items() if "R=0" in n)
 plt.plot(*zip(*pts), "^:", label="KIVI, no window")
-plt.yscale("log"); plt.xlabel("compression ratio vs bf16 (bytes measured)"); plt.ylabel("rel. error of attention output")
+plt.yscale("log"); plt.xlabel("compression ratio vs bf16 (bytes measured)")
+plt.ylabel("rel. error of attention output")
 plt.legend(fontsize=8); plt.title(f"SmolLM2-135M, {ctx.shape[1]}-token prompt, last 64 queries"); plt.show()
 print(f"{'method':22} {'ratio':>6} {'attn error':>10}")
 for name, (r, e) in res.items():

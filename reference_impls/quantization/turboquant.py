@@ -9,16 +9,17 @@ x~_mse + sqrt(pi/2)/d ||r|| S^T sign(S r), unbiased for inner products, Theorem 
 D_mse <= sqrt(3) pi/2 4^-b, about 0.36, 0.117, 0.03, 0.009 for b = 1..4); norms are kept in floating point
 and rescale the unit vector (Section 1.3).
 Official code: none released (the paper names none).
-Deviations: (1) integer bits per coordinate only: the paper's KV runs (2.5 and 3.5 bits, Table 1) split the
-channels into an outlier and a regular set quantized by two TurboQuant instances at different bits; the split
-rule is not specified and is not implemented here. (2) The paper does not say which variant its KV runs use:
+Deviations: (1) integer bits per coordinate only: the paper's KV runs (2.5 and 3.5 bits, Table 1, Section 4.3)
+split the channels into an outlier and a regular set quantized by two TurboQuant instances at different bits
+(its 2.5-bit example, 32 channels at 3 bits and 96 at 2, averages 2.25); the split rule is not stated and the
+split is not implemented here. (2) The paper does not say which variant its KV runs use:
 `variant` picks Algorithm 1 ("mse", default) or 2 ("prod") for keys; values always use Algorithm 1, their
 products with attention weights being a weighted sum, not a query inner product. (3) One rotation Pi (Haar, QR
 of a Gaussian matrix with R's diagonal signs folded in) and one QJL matrix S are drawn from `seed` and shared
 by every layer and head; like weights they are not counted in nbytes. (4) Norms (and ||r||) are stored in
 the cache's dtype (the paper: "floating-point precision"). (5) Every token is quantized as soon as it is
 attended to, generated ones included, as the paper does; the tokens of the current forward attend in full
-precision. (6) Codebooks are solved on a 2^16-point grid of f (Lloyd-Max to 1e-12), once per (d, bits).
+precision. (6) Codebooks are solved on a 2^16-point grid of f (to its fixed point), once per (d, bits).
 """
 
 from __future__ import annotations
