@@ -4,6 +4,7 @@
     codes = quantize(x, scale, zero, bits=b, dim=d, group_size=g)     # uint8, 0 .. 2^b - 1, unpacked
     x_hat = dequantize(codes, scale, zero, dim=d, group_size=g, dtype=torch.float16)
     packed = pack(codes, b); codes = unpack(packed, b, n)            # a bit stream along the last dim
+    packed = pack_fields([c1, c2], [b1, b2]); c1, c2 = unpack_fields(packed, [b1, b2], [n1, n2])  # mixed widths
     lo, hi = dense_range(x, frac, dim)                                # outliers: outside [lo, hi], kept exact
     rows = SparseRows(); rows.add(x, mask); x_hat = rows.put(x_hat)   # ... in a growing sparse store
 
@@ -42,8 +43,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["QuantizedTensor", "SparseRows", "choose_qparams", "dense_range", "dequantize", "pack", "quantize",
-           "unpack"]
+__all__ = ["QuantizedTensor", "SparseRows", "choose_qparams", "dense_range", "dequantize", "pack", "pack_fields",
+           "quantize", "unpack", "unpack_fields"]
 
 PACK_BITS = (1, 2, 4, 8)
 
@@ -147,6 +148,35 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed[..., None] >> shifts) & (2 ** bits - 1)  # (..., bytes, per)
     return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def pack_fields(codes: list[Tensor], bits: list[int]) -> Tensor:
+    """Several code tensors of different widths as ONE bit stream along the last dim: the codes of `codes[0]`
+    (b_0 bits each), then those of `codes[1]` ... in `pack`'s little-endian layout (so pack_fields([c], [b]) ==
+    pack(c, b)). [(..., n_i) uint8] -> (..., ceil(sum n_i b_i / 8)); no byte is padded between fields."""
+    if len(codes) != len(bits) or not codes:
+        raise ValueError(f"pack_fields needs one width per code tensor, got {len(codes)} tensors, {len(bits)} widths")
+    streams = []
+    for c, b in zip(codes, bits):
+        _check_pack(b)
+        shifts = torch.arange(b, dtype=torch.uint8, device=c.device)
+        streams.append(((c.to(torch.uint8)[..., None] >> shifts) & 1).flatten(-2))  # code i -> bits i*b .. i*b+b-1
+    return pack(torch.cat(streams, dim=-1), 1)
+
+
+def unpack_fields(packed: Tensor, bits: list[int], sizes: list[int]) -> list[Tensor]:
+    """Inverse of `pack_fields`: (..., bytes) uint8 -> [(..., sizes[i]) uint8 codes of bits[i] bits]."""
+    if len(bits) != len(sizes):
+        raise ValueError(f"unpack_fields needs one size per width, got {len(bits)} widths and {len(sizes)} sizes")
+    for b in bits:
+        _check_pack(b)
+    stream = unpack(packed, 1, sum(n * b for n, b in zip(sizes, bits)))
+    out, at = [], 0
+    for n, b in zip(sizes, bits):
+        field = stream[..., at:at + n * b].reshape(*stream.shape[:-1], n, b)
+        out.append((field << torch.arange(b, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8))
+        at += n * b
+    return out
 
 
 def dense_range(x: Tensor, frac: float, dim: int, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
