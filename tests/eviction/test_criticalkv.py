@@ -24,8 +24,8 @@ def with_weights(monkeypatch):
     """Every cache made in the test can read its model's projections (what `Model.weights` gives)."""
     real_init = KVCache.__init__
 
-    def init(self, model, method, tokenizer=None):
-        real_init(self, model, method, tokenizer)
+    def init(self, model, *args, **kwargs):
+        real_init(self, model, *args, **kwargs)
         self.model_info.weights = lambda i: hf_weights(model, i)
     monkeypatch.setattr(KVCache, "__init__", init)
 
