@@ -111,7 +111,8 @@ for s in samples:
         model(ans, cache=full)
     print(f"depth {s['depth']}: full cache answers {tok.decode(ans[0]).strip()!r} (passkey {s['answer']})")
     for b, knobs, r in ((b, knobs, r) for b, knobs in BASES.items() for r in RATIOS):
-        for m, method in (("snapkv", SnapKV(ratio=r, **knobs)), ("criticalkv", CriticalKV(ratio=r, base=SnapKV(**knobs)))):
+        for m, method in (("snapkv", SnapKV(ratio=r, **knobs)),
+                          ("criticalkv", CriticalKV(ratio=r, base=SnapKV(**knobs)))):
             c = cache_from_record(model, method, rec)
             for layer in range(L):
                 held = c.layers[layer].store.kept_slots()  # (1, H_kv, b)

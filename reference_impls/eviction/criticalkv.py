@@ -93,7 +93,8 @@ class CriticalKV(EvictionMethod):
         if isinstance(self.heads, Threshold):
             raise ValueError("CriticalKV: heads must be uniform or adaptive (threshold counts follow no budget)")
         if not (isinstance(self.first_stage_ratio, (int, float)) and 0 <= self.first_stage_ratio <= 1):
-            raise ValueError(f"CriticalKV: first_stage_ratio must be a number in [0, 1], got {self.first_stage_ratio!r}")
+            raise ValueError(f"CriticalKV: first_stage_ratio must be a number in [0, 1], "
+                             f"got {self.first_stage_ratio!r}")
         if not (isinstance(self.epsilon, (int, float)) and self.epsilon >= 0):
             raise ValueError(f"CriticalKV: epsilon must be a number >= 0, got {self.epsilon!r}")
 
@@ -120,6 +121,8 @@ class CriticalKV(EvictionMethod):
                              "on a model whose attention weights kvatlas can read, or set cache.model_info.weights")
         w_o = weights(step.layer_idx)["o"].to(step.values.device)
         base = self.base.score(step, history, budget).float().masked_fill(~step.valid, float("-inf"))
+        # each head's count comes from the base score (CriticalAdaKV: Ada-KV's split before the value norms); the
+        # kept set is then lifted to _LIFT, so the store's own count over these scores finds the same numbers
         counts = torch.minimum(self.heads.head_counts(base, budget, self.window), step.valid.sum(-1))
         vnorm = projected_value_norm(step.values, w_o, step.queries.shape[1])
         return criticalkv_scores(base, vnorm, counts, first_stage_ratio=self.first_stage_ratio, epsilon=self.epsilon,

@@ -63,13 +63,15 @@ def test_keeps_the_official_per_partition_top_in_every_layer_and_head(n_sink, la
     values = {}
     for i, layer in enumerate(cache.layers):  # record the values the store scored
         orig = layer.store.after_attention
-        layer.store.after_attention = lambda step, i=i, orig=orig: (values.setdefault(i, step.values.clone()), orig(step))
+        layer.store.after_attention = lambda step, i=i, orig=orig: (values.setdefault(i, step.values.clone()),
+                                                                   orig(step))
     log = spy(cache)
     model(ids(T, seed=2), cache=cache)
     for i, layer in enumerate(cache.layers):
         k, v = log[i][0]["k"][0], values[i][0]
         for h in range(k.shape[0]):
-            assert layer.store.kept_slots()[0, h].tolist() == official_keep(k[h], v[h], n_sink, lag, per_partition), (i, h)
+            expect = official_keep(k[h], v[h], n_sink, lag, per_partition)
+            assert layer.store.kept_slots()[0, h].tolist() == expect, (i, h)
 
 
 def test_short_prompts_and_small_budgets_keep_sinks_then_the_most_recent():
