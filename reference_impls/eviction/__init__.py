@@ -13,6 +13,9 @@ from reference_impls.eviction.random import RandomEviction
 from reference_impls.eviction.keyformer import Keyformer
 from reference_impls.eviction.scissorhands import Scissorhands
 from reference_impls.eviction.fastgen import FastGen
+from reference_impls.eviction.expected_attention import ExpectedAttention
+from reference_impls.eviction.lagkv import LagKV
+from reference_impls.eviction.criticalkv import CriticalKV
 
 __all__ = ["EvictingStore", "EvictionMethod", "StreamingLLM", "keep_top"]
 __all__ += ["AdaKV", "KeyDiff", "PyramidKV", "SnapKV"]
@@ -20,3 +23,4 @@ __all__ += ["H2O", "KNorm", "RandomEviction", "TOVA"]
 __all__ += ["Scissorhands"]
 __all__ += ["Keyformer"]
 __all__ += ["FastGen"]
+__all__ += ["CriticalKV", "ExpectedAttention", "LagKV"]
