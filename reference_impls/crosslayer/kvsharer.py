@@ -140,6 +140,8 @@ class KVSharer(KVMethod):
         calibration: calibration text for `Model.calibration` ("stdlib", "passkey", "repeat", "random").
         calibration_tokens: its length.
         share_prefill: shared layers read the owner's cache during the prompt too (the paper's way; see Deviation 4).
+        order: "dissimilar" walks the most distant pairs first (the paper's); "similar" the closest first (the
+            intuitive alternative the paper argues against).
     """
 
     ratio: float = 4 / 3
@@ -147,6 +149,7 @@ class KVSharer(KVMethod):
     calibration: str = "stdlib"
     calibration_tokens: int = 512
     share_prefill: bool = True
+    order: str = "dissimilar"
 
     def __post_init__(self):
         if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
@@ -155,6 +158,8 @@ class KVSharer(KVMethod):
             raise ValueError(f"KVSharer: threshold must be a number in [-1, 1], got {self.threshold!r}")
         if not (isinstance(self.calibration_tokens, int) and self.calibration_tokens >= 8):
             raise ValueError(f"KVSharer: calibration_tokens must be an int >= 8, got {self.calibration_tokens!r}")
+        if self.order not in ("dissimilar", "similar"):
+            raise ValueError(f"KVSharer: order must be 'dissimilar' or 'similar', got {self.order!r}")
 
     def n_share(self, num_layers: int) -> int:
         return min(round(num_layers * (1 - 1 / self.ratio)), num_layers - 1)
@@ -168,10 +173,13 @@ class KVSharer(KVMethod):
         if _plans.get(id(keys), (lambda: None,))[0]() is not keys:
             _plans[id(keys)] = (weakref.ref(keys, lambda _, i=id(keys): _plans.pop(i, None)), {})
         per_model = _plans[id(keys)][1]
-        key = (self.n_share(model.num_layers), self.threshold)
+        key = (self.n_share(model.num_layers), self.threshold, self.order)
         if key not in per_model:
             w_o = None if model.weights is None else [model.weights(n)["o"] for n in range(model.num_layers)]
-            per_model[key] = kvsharer_search(steps, key[0], self.threshold, w_o)
+            ranking = None
+            if self.order == "similar":
+                ranking = kvsharer_ranking(kvsharer_distances([s.keys for s in steps], [s.values for s in steps]))[::-1]
+            per_model[key] = kvsharer_search(steps, key[0], self.threshold, w_o, ranking)
         return per_model[key]
 
     def new_layer(self, layer_idx: int, model: Model) -> LayerStore:
