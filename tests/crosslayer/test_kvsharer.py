@@ -170,6 +170,17 @@ def test_a_replay_equals_live_when_the_prompt_attends_with_its_own_states():
 
 
 @torch.no_grad()
+def test_similar_first_walks_the_reversed_ranking():
+    model = tiny_llama(num_layers=4)
+    info = model_info(model)
+    steps = info.calibration("stdlib", 512)
+    rank = kvsharer_ranking(kvsharer_distances([s.keys for s in steps], [s.values for s in steps]))
+    for order, walk in (("dissimilar", rank), ("similar", rank[::-1])):
+        plan = KVSharer(ratio=2, threshold=-1.0, order=order).plan(info)
+        assert plan["owner"] == brute_owner(walk, 2, 4) and [t[:2] for t in plan["tried"]][0] == walk[0]
+
+
+@torch.no_grad()
 def test_generation_runs_from_a_ratio():
     model, x = tiny_llama(num_layers=4), ids(40, seed=1)
     method = make_method("kvsharer:threshold=-1", 4)  # share round(4 (1 - 1/4)) = 3 layers: all but layer 0
@@ -180,7 +191,8 @@ def test_generation_runs_from_a_ratio():
 
 @pytest.mark.parametrize("knobs,match", [(dict(ratio=0.5), "ratio must be a number >= 1"),
                                          (dict(threshold=2), "threshold must be a number in"),
-                                         (dict(calibration_tokens=4), "calibration_tokens must be an int >= 8")])
+                                         (dict(calibration_tokens=4), "calibration_tokens must be an int >= 8"),
+                                         (dict(order="random"), "order must be 'dissimilar' or 'similar'")])
 def test_bad_knobs_name_the_parameter(knobs, match):
     with pytest.raises(ValueError, match=match):
         KVSharer(**knobs)
