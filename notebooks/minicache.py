@@ -88,8 +88,9 @@ plt.plot(range(1, L), hcos, "^-", label="hidden states (input of the layer)")
 plt.axvline(L // 2, color="gray", ls=":", label="S = L/2")
 plt.xlabel("layer l (pair l-1, l)"); plt.ylabel("mean cosine similarity"); plt.ylim(-0.35, 1.05); plt.legend()
 plt.title("SmolLM2-135M: adjacent layers, same token and head"); plt.tight_layout(); plt.show()
-print(f"from layer {L // 2} on: keys {sum(kcos[L // 2 - 1:]) / len(kcos[L // 2 - 1:]):.3f}, "
-      f"values {sum(vcos[L // 2 - 1:]) / len(vcos[L // 2 - 1:]):.3f}, hidden states {min(hcos[L // 2 - 1:]):.2f} or more")
+deep = slice(L // 2 - 1, None)  # the pairs from layer S = L/2 on
+print(f"from layer {L // 2} on: keys {torch.tensor(kcos[deep]).mean():.3f}, values {torch.tensor(vcos[deep]).mean():.3f}, "
+      f"hidden states {min(hcos[deep]):.2f} or more")
 
 # %% [markdown]
 # The paper's Figure 1(a) (LLaMA-3-70B on COQA, GSM8K, TruthfulQA) shows the adjacent-layer similarity of the

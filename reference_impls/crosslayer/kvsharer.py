@@ -15,9 +15,10 @@ calibration prefill: the cosine similarity of the attention part of the residual
 softmax(q_l k_o(l)^T) v_o(l) over all layers, with the plan's owners o(l) against each layer's own cache. It keeps
 the official check's global nature (one shared layer changes one of L terms) but ignores embeddings, MLPs and the
 change of later layers' inputs. A per-layer check (one layer's attention output with another layer's cache) is
-useless here: another layer's values live in another basis, its similarity is ~0 for every pair. (2) Calibration is one prefill of `calibration_tokens` tokens
-of `calibration` text (`Model.calibration`; standard-library prose) instead of 30 Wikipedia lines of 64 tokens
-averaged position by position. (3) round(L (1 - 1/ratio)) layers share; when the ranking runs out first, fewer
+useless here: another layer's values live in another basis, its similarity is ~0 for every pair. The same T = 0.5
+applies to the proxy. (2) Calibration is one prefill of `calibration_tokens` tokens of `calibration` text
+(`Model.calibration`; standard-library prose) instead of 30 Wikipedia lines of 64 tokens averaged position by
+position. (3) round(L (1 - 1/ratio)) layers share; when the ranking runs out first, fewer
 do (as the official loop). (4) `share_prefill=False` (not in the paper) lets shared layers attend with their own
 states during the prompt and read the owner's from decoding on; a replayed prefill (`replay.py`, the benchmark)
 measures that variant whatever the knob says, as it takes every layer's prompt states from an uncompressed run.

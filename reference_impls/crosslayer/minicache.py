@@ -43,7 +43,7 @@ EMBEDDED_LAYERS = 30  # SmolLM2-135M, the benchmark's model: nominal ratios coun
 
 
 def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
-    """Eq. (3): spherical interpolation between unit vectors a (layer l-1) and b (layer l), (..., D); t=0 -> a, 1 -> b."""
+    """Eq. (3): spherical interpolation of unit vectors a (layer l-1) and b (layer l), (..., D); t=0 -> a, 1 -> b."""
     omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1.0, 1.0))
     s = torch.sin(omega)
     flat = s < 1e-6  # (anti)parallel: the limit of the formula, the straight line, renormalised below
