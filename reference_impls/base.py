@@ -233,6 +233,11 @@ class LayerStore:
 class KVMethod:
     """Base of every method. Subclasses are dataclasses whose fields are the method's knobs."""
 
+    #: the stores act only after the attention that used the uncompressed prompt, so a benchmark may build this
+    #: method's cache from one recorded uncompressed prefill (`replay.py`). A method that changes the prompt's own
+    #: attention (KVSharer sharing layers during the prompt) says False and is prefilled live.
+    replayable = True
+
     def new_layer(self, layer_idx: int, model: Model) -> LayerStore:
         raise NotImplementedError
 

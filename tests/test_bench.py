@@ -142,3 +142,26 @@ def test_one_checked_in_cell_reproduces(tmp_path):
         assert again[i]["kv_bytes"] == theirs[i]["kv_bytes"] and again[i]["full_kv_bytes"] == theirs[i]["full_kv_bytes"]
         assert again[i]["answer"] == theirs[i]["answer"] and again[i]["score"] == theirs[i]["score"]
     assert mine["score"] == cell["score"] and mine["achieved_ratio"] == cell["achieved_ratio"]
+
+
+@pytest.mark.slow
+def test_a_method_that_cannot_be_replayed_is_prefilled_live(smollm):
+    """KVSharer shares layers during the prompt: the benchmark must not build its cache from the uncompressed
+    record; its answer and bytes equal a live `generation.run_sample`."""
+    import torch
+
+    from reference_impls.bench.run import run_sample
+    from reference_impls.crosslayer import KVSharer
+    from reference_impls.data import passkey_samples
+    from reference_impls.generation import build_prompt, eos_ids, run_sample as live
+    from reference_impls.replay import record_prefill
+
+    model, tok = smollm
+    s = passkey_samples(1, 300, seed=0, tokenizer=tok)[0]
+    ctx, qst = build_prompt(tok, s["context"], s["question"], s["answer_prefix"])
+    method = KVSharer(ratio=2, calibration_tokens=64)
+    answer, m = run_sample(model, tok, method, record_prefill(model, torch.cat([ctx, qst], 1)), ctx, qst, True, 8,
+                           eos_ids(model, tok))
+    ref = live(model, tok, method, s["context"], s["question"], query_aware=True, max_new_tokens=8,
+               answer_prefix=s["answer_prefix"])
+    assert answer.strip() == ref["answer"] and m["kv_bytes"] == ref["kv_bytes"]

@@ -37,7 +37,7 @@ import torch
 
 from reference_impls.bench.metrics import first_line
 from reference_impls.generation import build_prompt, eos_ids, greedy_generate, shorten_prompt
-from reference_impls.integration import model_info
+from reference_impls.integration import KVCache, model_info
 from reference_impls.methods import make_method, method_class, parse_method
 from reference_impls.replay import cache_from_record, record_prefill
 
@@ -205,12 +205,20 @@ def run_sample(model, tokenizer, method, record, ctx, qst, aware: bool, max_new_
     (the timing pass decodes a fixed number of tokens)."""
     t0 = time.perf_counter()
     short, elided = shorten_prompt(method, ctx, qst, aware, model_info(model, tokenizer))
-    if elided:  # prompt compression: the shorter prompt is prefilled instead of the shared record
-        record = record_prefill(model, torch.cat([short, qst], dim=1) if aware else short)
-    cache = cache_from_record(model, method, record, tokenizer, elided=elided)
-    compress_s = time.perf_counter() - t0 - (record.seconds if elided else 0.0)
-    gen = greedy_generate(model, cache, [] if aware else [qst], max_new_tokens, set() if decode_all else eos,
-                          logits=record.logits if aware else None, stop=None if decode_all else stop)
+    if not method.replayable:  # its prompt attends differently from the record's: prefilled live
+        cache = KVCache(model, method, tokenizer)
+        cache.elided = elided
+        compress_s = time.perf_counter() - t0
+        gen = greedy_generate(model, cache, [torch.cat([short, qst], dim=1)] if aware else [short, qst],
+                              max_new_tokens, set() if decode_all else eos, stop=None if decode_all else stop)
+        record = dataclasses.replace(record, seconds=0.0)  # the live prefill's time is in gen.prefill_s
+    else:
+        if elided:  # prompt compression: the shorter prompt is prefilled instead of the shared record
+            record = record_prefill(model, torch.cat([short, qst], dim=1) if aware else short)
+        cache = cache_from_record(model, method, record, tokenizer, elided=elided)
+        compress_s = time.perf_counter() - t0 - (record.seconds if elided else 0.0)
+        gen = greedy_generate(model, cache, [] if aware else [qst], max_new_tokens, set() if decode_all else eos,
+                              logits=record.logits if aware else None, stop=None if decode_all else stop)
     answer = tokenizer.decode([t for t in gen.tokens if t not in eos], skip_special_tokens=True)
     n_dec = len(gen.tokens) - 1
     return answer, {

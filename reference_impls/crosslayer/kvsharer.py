@@ -152,6 +152,11 @@ class KVSharer(KVMethod):
     share_prefill: bool = True
     order: str = "dissimilar"
 
+    @property
+    def replayable(self) -> bool:
+        """Sharing during the prompt changes the prompt's own attention: a benchmark must prefill it live."""
+        return not self.share_prefill
+
     def __post_init__(self):
         if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
             raise ValueError(f"KVSharer: ratio must be a number >= 1, got {self.ratio!r}")

@@ -202,3 +202,11 @@ def test_a_model_without_calibration_is_refused():
     with pytest.raises(ValueError, match="KVSharer needs calibration prefills"):
         KVSharer(ratio=2).new_layer(0, Model(num_layers=4))
     assert model_info(tiny_llama()).calibration is not None
+
+
+def test_sharing_during_the_prompt_is_not_replayable():
+    """The benchmark replays one uncompressed prefill for every method unless a method says it cannot be replayed."""
+    from reference_impls import Full
+    from reference_impls.crosslayer import KVSharer
+
+    assert not KVSharer().replayable and KVSharer(share_prefill=False).replayable and Full().replayable
