@@ -1,0 +1,6 @@
+"""Low-rank and channel methods: caches that keep every token but fewer dimensions of its keys or values."""
+
+from reference_impls.lowrank.palu import Palu
+from reference_impls.lowrank.eigen_attention import EigenAttention
+
+__all__ = ["EigenAttention", "Palu"]
