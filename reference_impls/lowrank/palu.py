@@ -20,9 +20,9 @@ official `get_kv_info` does: groups of g consecutive KV heads of W_k, W_v; a g a
 joint group, which is what SmolLM2-135M's 3 KV heads get), rank_ratio=0.5 (the paper's 50% headline setting;
 `--param_ratio_target`).
 
-Deviations: (1) One rank in every layer and for K and V (the official `--search_method uniform`): the paper's
-Fisher-information rank search needs the loss's weight gradients, which the interface does not expose; ranks are
-not rounded to multiples of 32 either. (2) Whitening calibrates on 1024 tokens of standard-library docstrings
+Deviations: (1) One rank in every layer (the official `--search_method uniform`), the same for K and V unless
+`value_rank_ratio` sets them apart by hand: the paper's Fisher-information rank search needs the loss's weight
+gradients, which the interface does not expose; ranks are not rounded to multiples of 32 either. (2) Whitening calibrates on 1024 tokens of standard-library docstrings
 (`Model.calibration`), not 256 x 2048 WikiText-2 tokens. (3) The latent is held as k U_r (Palu's h scaled by
 S_r^(1/2): same bytes, same reconstruction); Palu's optional latent quantization (Hadamard + 3-bit) is not
 implemented. (4) Each forward pass attends over its own exact keys and values, which become latents right after
@@ -35,6 +35,7 @@ Bytes: latents in the cache's dtype, plus the two bases U_r (K, V) once per laye
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -67,19 +68,24 @@ class Palu(LowRankProjection):
 
     Args:
         rank_ratio: fraction of each group's g D dimensions kept, in (0, 1] (1/ratio; 1 keeps all: lossless).
+        value_rank_ratio: the same for values, in (0, 1]; None: rank_ratio (the paper's rank search sets K and V
+            ranks apart; here by hand).
         group_size: KV heads per decomposition group, >= 1 (1: M-LRD; >= H_kv: J-LRD); must divide H_kv if below.
         decompose: "whiten" (official default: bases from calibration keys/values) or "svd" (from W_k, W_v alone).
         calib_tokens: calibration prefill length for "whiten" (text "stdlib").
     """
 
     rank_ratio: float = 0.5
+    value_rank_ratio: Optional[float] = None
     group_size: int = 4
     decompose: str = "whiten"
     calib_tokens: int = 1024
 
     def __post_init__(self):
-        if not (isinstance(self.rank_ratio, (int, float)) and 0 < self.rank_ratio <= 1):
-            raise ValueError(f"Palu: rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
+        for knob in ("rank_ratio", "value_rank_ratio"):
+            value = getattr(self, knob)
+            if not (isinstance(value, (int, float)) and 0 < value <= 1) and (knob == "rank_ratio" or value is not None):
+                raise ValueError(f"Palu: {knob} must be in (0, 1], got {value!r}")
         if not (isinstance(self.group_size, int) and self.group_size >= 1):
             raise ValueError(f"Palu: group_size must be an int >= 1, got {self.group_size!r}")
         if self.decompose not in ("whiten", "svd"):
@@ -92,25 +98,28 @@ class Palu(LowRankProjection):
         if H_kv % g:
             raise ValueError(f"Palu: group_size must divide the number of KV heads ({H_kv}) or exceed it, "
                              f"got {self.group_size}")
-        r = palu_rank(self.rank_ratio, g * D)
+        rk, rv = palu_rank(self.rank_ratio, g * D), palu_rank(self.value_rank_ratio or self.rank_ratio, g * D)
         if self.decompose == "svd":
             if model.weights is None:
                 raise ValueError("Palu: decompose='svd' needs the model's projection weights (Model.weights)")
             w = model.weights(layer_idx)
-            return svd_basis(w["k"], g * D, r), g, svd_basis(w["v"], g * D, r), g
+            return svd_basis(w["k"], g * D, rk), g, svd_basis(w["v"], g * D, rv), g
         if model.calibration is None:
             raise ValueError("Palu: decompose='whiten' needs calibration prefills (Model.calibration)")
         step = model.calibration("stdlib", self.calib_tokens)[layer_idx]
         pre = rotate(step.keys.float(), step.positions, model.rope, inverse=True)  # K = X W_k^T, before RoPE
-        return whitened_basis(pre, g, r), g, whitened_basis(step.values, g, r), g
+        return whitened_basis(pre, g, rk), g, whitened_basis(step.values, g, rv), g
 
     def nominal_ratio(self, cache=None) -> float:
-        """Full bytes / latent bytes per token (g D / r); the per-layer bases are left out."""
-        return 1 / self.rank_ratio
+        """Full bytes / latent bytes per token (2 g D / (r_k + r_v)); the per-layer bases are left out."""
+        return 2 / (self.rank_ratio + (self.value_rank_ratio or self.rank_ratio))
 
     @classmethod
     def from_ratio(cls, ratio: float, /, **knobs) -> "Palu":
-        """rank_ratio = 1 / ratio (unless fixed): the latents are 1/ratio of a 16-bit cache in a 16-bit model."""
+        """rank_ratio = 1 / ratio for keys and values (unless fixed; with value_rank_ratio fixed, keys get the rest of
+        the target): the latents are 1/ratio of a 16-bit cache in a 16-bit model."""
         if not (isinstance(ratio, (int, float)) and ratio >= 1):
             raise ValueError(f"Palu: ratio must be a number >= 1, got {ratio!r}")
+        if knobs.get("value_rank_ratio") is not None and "rank_ratio" not in knobs:  # keys take what values leave
+            knobs["rank_ratio"] = 2 / ratio - knobs["value_rank_ratio"]
         return cls(**{"rank_ratio": 1 / ratio, **knobs})

@@ -57,11 +57,12 @@ def test_bases_are_the_pca_of_calibration_keys_per_layer_and_values_per_head(tin
     tiny(ids(20), cache=cache)
     state = cache.layers[layer].store.state
     k, v = calibration_kv(tiny, layer, T)
-    assert state["k_basis"].shape == (1, 16, 8) and state["v_basis"].shape == (2, 16, 8)
-    ref_k = pca(k.reshape(T * 2, 16), 8)  # every KV head's keys are samples of one layer basis
+    (_, _, rk), (_, _, rv) = state["k_basis"].shape, state["v_basis"].shape
+    assert state["k_basis"].shape == (1, 16, rk) and state["v_basis"].shape == (2, 16, rv)
+    ref_k = pca(k.reshape(T * 2, 16), rk)  # every KV head's keys are samples of one layer basis
     assert torch.allclose(projector(state["k_basis"][0]), projector(ref_k), atol=1e-5)
     for h in range(2):
-        assert torch.allclose(projector(state["v_basis"][h]), projector(pca(v[:, 16 * h:16 * (h + 1)], 8)), atol=1e-5)
+        assert torch.allclose(projector(state["v_basis"][h]), projector(pca(v[:, 16 * h:16 * (h + 1)], rv)), atol=1e-5)
 
 
 @torch.no_grad()
@@ -76,6 +77,34 @@ def test_a_threshold_picks_the_smallest_rank_reaching_that_explained_variance(ti
         rv = max(threshold_rank(v[:, 16 * h:16 * (h + 1)], 0.9) for h in range(2))  # one rank for all heads
         assert state["k_basis"].shape[-1] == rk and state["v_basis"].shape[-1] == rv
         assert 1 < rk < 16 and 1 < rv < 16
+
+
+@pytest.mark.parametrize("rank_ratio", [0.25, 0.5, 0.75])
+@torch.no_grad()
+def test_a_rank_ratio_finds_the_largest_threshold_that_fits_its_bytes(tiny, rank_ratio):
+    """Reference: every threshold a rank can change at (all cumulative explained variances), tried one by one
+    with the plain-loop rank; the largest whose ranks (K and V of both layers) sum to <= 4 x rank_ratio x D."""
+    T = 128
+    cache = KVCache(tiny, EigenAttention(rank_ratio=rank_ratio, calib_tokens=T))
+    tiny(ids(20), cache=cache)
+    sets = []  # per (layer, K or V): the sample sets that share one rank
+    for layer in (0, 1):
+        k, v = calibration_kv(tiny, layer, T)
+        sets += [[k.reshape(T * 2, 16)], [v[:, :16], v[:, 16:]]]
+    energies = []
+    for group in sets:
+        for x in group:
+            s2 = torch.linalg.svdvals(x.double()) ** 2
+            energies += (s2.cumsum(0) / s2.sum()).tolist()
+    budget, best = 4 * round(rank_ratio * 16), None
+    for eps in sorted(energies):
+        ranks = [max(threshold_rank(x, eps) for x in group) for group in sets]
+        if sum(ranks) <= budget:
+            best = ranks
+    got = []
+    for layer in cache.layers:
+        got += [layer.store.state["k_basis"].shape[-1], layer.store.state["v_basis"].shape[-1]]
+    assert got == best and budget - 3 <= sum(got) <= budget
 
 
 @torch.no_grad()
@@ -116,14 +145,16 @@ def test_full_rank_gives_the_logits_of_full(tiny):
 
 
 @torch.no_grad()
-def test_bytes_are_rank_over_d_of_full_plus_the_bases():
+def test_bytes_are_the_latents_plus_the_bases():
     model = tiny_llama(dtype=torch.bfloat16)
     cache = KVCache(model, EigenAttention(rank_ratio=0.25))
     model(ids(40), cache=cache)
     model(torch.tensor([[5]]), cache=cache)
     latents = sum(nbytes([(b["k"], b["v"]) for b in layer.store.blocks]) for layer in cache.layers)
-    assert latents * 4 == cache.full_nbytes()  # r = 4 of D = 16 for keys and values
-    bases = 2 * (1 + 2) * 16 * 4 * 2  # layers x (one key basis + a value basis per KV head) x D x r x bf16
+    ranks = [(layer.store.state["k_basis"].shape[-1], layer.store.state["v_basis"].shape[-1]) for layer in cache.layers]
+    dims = sum(rk + rv for rk, rv in ranks)
+    assert latents * 2 * 2 * 16 == cache.full_nbytes() * dims and dims <= 0.25 * 2 * 2 * 16  # (r_k + r_v) / 2D
+    bases = sum((1 * rk + 2 * rv) * 16 * 2 for rk, rv in ranks)  # one key basis + a value basis per KV head, bf16
     assert cache.nbytes() == latents + bases + 2 * 2 * 4  # + each row's first position, int32 per head
 
 

@@ -136,13 +136,13 @@ def test_full_rank_gives_the_logits_of_full(tiny, decompose, group_size):
 @torch.no_grad()
 def test_bytes_are_rank_over_dims_of_full_plus_one_set_of_bases(dtype):
     model = tiny_llama(dtype=dtype)
-    cache = KVCache(model, Palu(rank_ratio=0.25, group_size=2, decompose="svd"))
+    cache = KVCache(model, Palu(rank_ratio=0.25, value_rank_ratio=0.5, group_size=2, decompose="svd"))
     model(ids(40), cache=cache)
     for t in (5, 6, 7):
         model(torch.tensor([[t]]), cache=cache)
     latents = sum(nbytes([(b["k"], b["v"]) for b in layer.store.blocks]) for layer in cache.layers)
-    assert latents * 4 == cache.full_nbytes()  # r / (g D) = 8 / 32 of every token's keys and values
-    bases = 2 * 2 * 32 * 8 * model.dtype.itemsize  # layers x (K, V) x (g D x r)
+    assert latents * 8 == cache.full_nbytes() * 3  # (r_k + r_v) / 2 g D = (8 + 16) / 64 of keys and values
+    bases = 2 * 32 * (8 + 16) * model.dtype.itemsize  # layers x g D x (r_k + r_v)
     starts = 2 * 2 * 4  # layers x heads x int32: each row's first position
     assert cache.nbytes() == latents + bases + starts
     assert all(isinstance(b["pos"], int) for layer in cache.layers for b in layer.store.blocks)
@@ -189,12 +189,15 @@ def test_generation_end_to_end_replay_and_composition(tiny):
 def test_from_ratio_and_make_method():
     assert Palu.from_ratio(4).rank_ratio == 0.25 and Palu.from_ratio(4).nominal_ratio() == 4
     assert Palu.from_ratio(2, rank_ratio=0.5, group_size=1).group_size == 1
+    split = Palu.from_ratio(2, value_rank_ratio=0.75)  # the keys get what the values leave of the target
+    assert split.rank_ratio == 0.25 and split.nominal_ratio() == 2
     made = make_method("palu", 8)
     assert isinstance(made, Palu) and made.rank_ratio == 0.125 and made.decompose == "whiten"
 
 
 def test_bad_parameters_are_rejected():
     for kw, match in ((dict(rank_ratio=0), "rank_ratio must be in"), (dict(rank_ratio=1.5), "rank_ratio must be in"),
+                      (dict(value_rank_ratio=0), "value_rank_ratio must be in"),
                       (dict(group_size=0), "group_size must be an int >= 1"), (dict(decompose="pca"), "decompose"),
                       (dict(calib_tokens=4), "calib_tokens")):
         with pytest.raises(ValueError, match=match):
