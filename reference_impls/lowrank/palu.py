@@ -22,13 +22,14 @@ joint group, which is what SmolLM2-135M's 3 KV heads get), rank_ratio=0.5 (the p
 
 Deviations: (1) One rank in every layer (the official `--search_method uniform`), the same for K and V unless
 `value_rank_ratio` sets them apart by hand: the paper's Fisher-information rank search needs the loss's weight
-gradients, which the interface does not expose; ranks are not rounded to multiples of 32 either. (2) Whitening calibrates on 1024 tokens of standard-library docstrings
-(`Model.calibration`), not 256 x 2048 WikiText-2 tokens. (3) The latent is held as k U_r (Palu's h scaled by
-S_r^(1/2): same bytes, same reconstruction); Palu's optional latent quantization (Hadamard + 3-bit) is not
-implemented. (4) Each forward pass attends over its own exact keys and values, which become latents right after
-(the prefill attends in full; a decoded token sees its own key exact); Palu's factorised projections make even
-those low-rank. (5) Values are rebuilt, not folded into W_o (the same numbers, more compute). (6) A projection
-bias (Qwen) is projected with the key instead of being added after the up-projection.
+gradients, which the interface does not expose; ranks are not rounded to multiples of 32 either. (2) Whitening
+calibrates on 1024 tokens of standard-library docstrings (`Model.calibration`), not 256 x 2048 WikiText-2
+tokens. (3) The latent is held as k U_r (Palu's h scaled by S_r^(1/2): same bytes, same reconstruction); Palu's
+optional latent quantization (Hadamard + 3-bit) is not implemented. (4) Each forward pass attends over its own
+exact keys and values, which become latents right after (the prefill attends in full; a decoded token sees its
+own key exact); Palu's factorised projections make even those low-rank. (5) Values are rebuilt, not folded into
+W_o (the same numbers, more compute). (6) A projection bias (Qwen) is projected with the key instead of being
+added after the up-projection.
 Bytes: latents in the cache's dtype, plus the two bases U_r (K, V) once per layer (model-side factors, counted).
 """
 
