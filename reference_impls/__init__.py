@@ -23,6 +23,7 @@ _EXPORTS = {
     "build_prompt": "reference_impls.generation", "greedy_generate": "reference_impls.generation",
     "run_sample": "reference_impls.generation", "make_method": "reference_impls.methods",
     "load_model": "reference_impls.models", "tiny_llama": "reference_impls.models",
+    "Palu": "reference_impls.lowrank", "EigenAttention": "reference_impls.lowrank",
 }
 
 __all__ = sorted(_EXPORTS)
