@@ -13,6 +13,9 @@ from reference_impls.eviction.random import RandomEviction
 from reference_impls.eviction.keyformer import Keyformer
 from reference_impls.eviction.scissorhands import Scissorhands
 from reference_impls.eviction.fastgen import FastGen
+from reference_impls.eviction.chunkkv import ChunkKV
+from reference_impls.eviction.cake import CAKE
+from reference_impls.eviction.simlayerkv import SimLayerKV
 
 __all__ = ["EvictingStore", "EvictionMethod", "StreamingLLM", "keep_top"]
 __all__ += ["AdaKV", "KeyDiff", "PyramidKV", "SnapKV"]
@@ -20,3 +23,4 @@ __all__ += ["H2O", "KNorm", "RandomEviction", "TOVA"]
 __all__ += ["Scissorhands"]
 __all__ += ["Keyformer"]
 __all__ += ["FastGen"]
+__all__ += ["CAKE", "ChunkKV", "SimLayerKV"]
