@@ -29,6 +29,8 @@ Deviations:
 (5) The CAKE stores of one cache find each other through the list `new_layer` builds (a cache makes its layers
     in order); composed with a quantizer the earlier layers are reached through `Model.stores` (the cache's
     stores), without it CAKE inside `Compose` raises.
+(6) layers="uniform" or "pyramid" replaces the cascade: CAKE's indicator then ranks tokens under that policy's
+    budgets (the default "cascade" is the paper).
 Presets: window 32, gamma 200, tau1 = tau2 = 1, kernel 5 avg pooling (official `pred_cake.py` defaults and
 `modify_llama.py`; `model2tau.json` tunes tau per model, e.g. Llama-3.1-8B at cache 1024: 1.6, 0.4).
 """
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ from torch import Tensor
 
 from reference_impls.base import Model, Step, repeat_kv
 from reference_impls.eviction.base import EvictingStore, EvictionMethod, keep_top
-from reference_impls.eviction.policies import Uniform, cascade_budgets
+from reference_impls.eviction.policies import Cascade, cascade_budgets, parse_policy
 
 __all__ = ["CAKE", "CakeStore", "cake_indicator", "cake_preference"]
 
@@ -99,6 +101,8 @@ class CakeStore(EvictingStore):
         if self.pending is not None:  # a later layer's stage shrinks this one
             budget, self.pending = self.pending, None
             return self._keep(budget, self.held())
+        if not isinstance(m.layers, Cascade):  # CAKE's indicator under another layer policy: a plain scorer
+            return super().evict(step)
         if not step.compress:
             return None
         n = step.n_real()
@@ -163,12 +167,15 @@ class CAKE(EvictionMethod):
     """Preference-proportional layer budgets assigned in a cascade, tokens ranked by mean + gamma variance.
 
     Args (ratio, budget = the official cache_size per layer, window included; heads: see EvictionMethod):
+        layers: "cascade" (default: CAKE's allocation, with tau1, tau2, cascading), or "uniform" / "pyramid" (or a
+            policy object): CAKE's indicator as a plain scorer under that policy, no preference, no cascade.
         window: the observation window (the last queries of the compressing pass), always kept.
         gamma: weight of the variance in the indicator. tau1, tau2: temperatures of H_l and V_l in P_l.
         kernel_size: odd avg-pooling width of the indicator. cascading: shrink the earlier layers at every stage
             (False: every layer keeps everything until the last layer's stage; same end state, more memory).
     """
 
+    layers: Any = "cascade"
     window: int = 32
     gamma: float = 200.0
     tau1: float = 1.0
@@ -177,9 +184,10 @@ class CAKE(EvictionMethod):
     cascading: bool = True
 
     def __post_init__(self):
+        # the base accepts only the layer policies its own store runs; CakeStore also runs the cascade
+        layers, self.layers = self.layers, "uniform"
         super().__post_init__()
-        if type(self.layers) is not Uniform:
-            raise ValueError(f"CAKE: layers must be uniform (CAKE's preferences set the layer budgets), got {self.layers!r}")
+        self.layers = parse_policy(layers, "CAKE: layers", ("cascade", "uniform", "pyramid"))
         for knob, ok, allowed in (
                 ("window", isinstance(self.window, int) and self.window >= 1, "an int >= 1"),
                 ("gamma", isinstance(self.gamma, (int, float)) and self.gamma >= 0, "a number >= 0"),

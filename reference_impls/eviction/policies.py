@@ -1,4 +1,5 @@
-"""Budget policies: how many tokens each layer, then each head, keeps. Any eviction scorer takes any of them.
+"""Budget policies: how many tokens each layer, then each head, keeps. Any eviction scorer takes any of them
+(Cascade: see below).
 
 An eviction method has two policy fields: `layers` turns the uniform per-layer budget b = round(n / ratio)
 into this layer's budget, `heads` turns the layer's budget into one count per KV head from the scorer's
@@ -11,10 +12,12 @@ memory. Both take the scorer's protected `window` (SnapKV's observation window, 
     | Pyramid(beta)           | layers | PyramidKV, arXiv 2406.02069, Sec. 3    |
     | Adaptive(alpha, rule)   | heads  | Ada-KV, arXiv 2407.11550, Alg. 1       |
     | Threshold(min_score)    | heads  | FastGen's recovery mode (arXiv 2310.01801): a head keeps every key its scorer lifted |
+    | Cascade()               | layers | CAKE, arXiv 2503.12491, Sec. 4: budgets in proportion to each layer's preference, recut as layers are prefilled |
 
-Budgets proportional to a per-layer preference, assigned in a cascade as layers are prefilled (CAKE, arXiv
-2503.12491), need what a policy object does not see (the layer's attention, the other layers' stores):
-`cascade_budgets` is the allocation, and a store that can revisit earlier layers runs it (`eviction/cake.py`).
+Cascade needs what `layer_budget` does not see (the layer's attention, the other layers' stores), so it is run by
+a store that can revisit earlier layers (`eviction/cake.py`'s); `cascade_budgets` is its allocation. EvictionMethod
+accepts only the policies its own store runs (uniform, pyramid for `layers`), so a scorer takes Cascade only
+through such a store.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["Adaptive", "Pyramid", "Threshold", "Uniform", "adakv_counts", "cascade_budgets", "parse_policy",
+__all__ = ["Adaptive", "Cascade", "Pyramid", "Threshold", "Uniform", "adakv_counts", "cascade_budgets", "parse_policy",
            "proportional_budgets", "pyramid_budgets"]
 
 
@@ -186,7 +189,17 @@ def cascade_budgets(preferences: Tensor, n: Tensor, budget: Tensor, num_layers: 
     return torch.where((share > 0)[:, None], split, budget[:, None].expand_as(split))
 
 
-_BY_NAME = {"uniform": Uniform, "pyramid": Pyramid, "adaptive": Adaptive, "threshold": Threshold}
+@dataclass(frozen=True)
+class Cascade(Uniform):
+    """CAKE's layer budgets: each layer's share in proportion to its preference, recut after every prefilled layer
+    (`cascade_budgets`). A store that runs the cascade (CAKE's) asks for the budgets; `layer_budget` alone keeps
+    every token, as a layer does until its preference is known."""
+
+    def layer_budget(self, n, budget, layer_idx, num_layers, window):
+        return n
+
+
+_BY_NAME = {"uniform": Uniform, "pyramid": Pyramid, "adaptive": Adaptive, "threshold": Threshold, "cascade": Cascade}
 
 
 def parse_policy(value, field_name: str, allowed: tuple[str, ...]):

@@ -21,6 +21,10 @@ Deviations:
 (3) Per row: a padded batch decides per row (the official code and kvpress average over the batch).
 (4) GQA: the query heads' attention is averaged over all heads, as the official code does; a lazy layer trims
     every KV head.
+(5) Heads: the default `Threshold` head policy is what lets a non-lazy layer keep more than b tokens. Under a
+    budgeted head policy (heads="uniform" or "adaptive") every layer keeps its budget, so every layer is
+    treated as lazy (StreamingLLM's sinks + recent window, compressed once): SimLayerKV's scorer under that
+    policy, as every eviction scorer takes every policy here.
 Differences from kvpress's SimLayerKVPress: kvpress keeps n_recent - n_last recent tokens (room for the next
 one), defaults to delta = 1.0 (never lazy) and averages over the batch.
 """
@@ -84,7 +88,7 @@ class SimLayerKV(EvictionMethod):
         threshold: delta, lazy when the attention mass on the kept sets exceeds it (default 0.9, the official
             value for Llama-3; 0.65 Llama-2, 0.8 Mistral, 0.85 Qwen). 1.0: never lazy.
         n_initial: initial tokens a lazy layer keeps (official 4). n_last: queries that measure laziness (1).
-        heads: must stay a Threshold policy (a non-lazy layer keeps more than b tokens).
+        heads: Threshold (default): SimLayerKV. "uniform"/"adaptive": every layer keeps its budget, as if lazy.
     """
 
     threshold: float = 0.9
@@ -99,8 +103,6 @@ class SimLayerKV(EvictionMethod):
         for knob, low in (("n_initial", 0), ("n_last", 1)):
             if not (isinstance(getattr(self, knob), int) and getattr(self, knob) >= low):
                 raise ValueError(f"SimLayerKV: {knob} must be an int >= {low}, got {getattr(self, knob)!r}")
-        if not isinstance(self.heads, Threshold):
-            raise ValueError(f"SimLayerKV: heads must be threshold (non-lazy layers keep everything), got {self.heads!r}")
 
     def lazy(self, step: Step, budget: Tensor) -> tuple[Tensor, Tensor]:
         """(lazy (B,) bool, keep (B, H_kv, T) bool): each row's decision and what a lazy layer keeps."""
@@ -109,6 +111,8 @@ class SimLayerKV(EvictionMethod):
         return laziness(obs.probs(), obs.q_real, keep) > self.threshold, keep
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
+        if not isinstance(self.heads, Threshold):  # a budgeted head policy: every layer keeps b, as a lazy one
+            return lazy_keep(step.positions, step.n_real(), budget, self.n_initial).float()
         lazy, keep = self.lazy(step, budget)
         # 1 = keep, 0 = drop; the Threshold head policy keeps every key scored >= 0.5
         return torch.where(lazy[:, None, None], keep, step.valid).float()

@@ -9,7 +9,7 @@ import torch
 from reference_impls import Compose, KVCache
 from reference_impls.eviction import CAKE
 from reference_impls.eviction.cake import cake_indicator, cake_preference
-from reference_impls.eviction.policies import cascade_budgets, proportional_budgets
+from reference_impls.eviction.policies import Pyramid, cascade_budgets, proportional_budgets, pyramid_budgets
 from reference_impls.methods import make_method
 from reference_impls.models import tiny_llama
 from reference_impls.quantization import KIVI
@@ -163,6 +163,22 @@ def test_the_cascade_never_holds_more_than_the_whole_budget_while_prefilling():
     assert peaks[True] <= L * b < peaks[False]
 
 
+@torch.no_grad()
+def test_under_another_layer_policy_the_indicator_ranks_tokens_within_its_budgets():
+    model, T = tiny_llama(num_layers=4), 80
+    cache = KVCache(model, CAKE(ratio=4, window=4, layers=Pyramid(beta=4)))
+    log = spy(cache)
+    model(ids(T), cache=cache)
+    expect = pyramid_budgets(torch.tensor([T]), torch.tensor([20]), 4, 4, 4)[0].tolist()
+    for i, (layer, b) in enumerate(zip(cache.layers, expect)):
+        e = log[i][0]
+        prefix = torch.zeros(2, T, dtype=torch.bool)
+        prefix[:, :T - 4] = True
+        _, ind = loop_preference_and_indicator(window_probs(e["q"][0], e["k"][0], e["scaling"], 4), prefix, 1, 1, 200.0, 5)
+        ref = [sorted(h[:T - 4].topk(b - 4).indices.tolist()) + list(range(T - 4, T)) for h in ind]
+        assert layer.store.kept_slots()[0].tolist() == ref and layer.store.preference is None
+
+
 def test_budget_at_least_length_is_identical_to_full(tiny):
     budget_at_least_length_is_full(tiny, CAKE(budget=43, window=8), same_bytes=True)
 
@@ -227,8 +243,8 @@ def test_bad_parameters_are_rejected():
                         ("cascading", "yes")):
         with pytest.raises(ValueError, match=knob):
             CAKE(**{knob: value})
-    with pytest.raises(ValueError, match="layers must be uniform"):
-        CAKE(layers="pyramid")
+    with pytest.raises(ValueError, match="layers must be one of cascade, uniform, pyramid"):
+        CAKE(layers="adaptive")
     with pytest.raises(ValueError, match="ratio"):
         CAKE.from_ratio(0.5)
 

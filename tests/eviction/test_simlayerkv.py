@@ -108,6 +108,15 @@ def test_a_padded_batch_decides_per_row(tiny):
     assert counts[1 - lazy_row].tolist() == [30 if lazy_row == 1 else 22] * 2
 
 
+@torch.no_grad()
+def test_under_a_budgeted_head_policy_every_layer_keeps_its_budget_as_a_lazy_one(tiny):
+    """heads="uniform": each head keeps the first 4 and the last b - 4 tokens whatever the attention."""
+    cache = KVCache(tiny, SimLayerKV(budget=15, threshold=1.0, heads="uniform"))
+    tiny(ids(50), cache=cache)
+    for layer in cache.layers:
+        assert layer.store.kept_slots()[0].tolist() == [list(range(4)) + list(range(39, 50))] * 2
+
+
 def test_made_from_its_id_and_a_ratio():
     m = make_method("simlayerkv:threshold=0.65", 4)
     assert isinstance(m, SimLayerKV) and m.ratio == 4 and m.threshold == 0.65 and m.n_initial == 4
@@ -120,7 +129,7 @@ def test_bad_parameters_are_rejected():
         SimLayerKV(n_initial=-1)
     with pytest.raises(ValueError, match="n_last"):
         SimLayerKV(n_last=0)
-    with pytest.raises(ValueError, match="heads must be threshold"):
-        SimLayerKV(heads="uniform")
+    with pytest.raises(ValueError, match="heads must be one of"):
+        SimLayerKV(heads="pyramid")
     with pytest.raises(ValueError, match="ratio"):
         SimLayerKV.from_ratio(0.5)
