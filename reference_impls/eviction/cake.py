@@ -2,8 +2,8 @@
 prefilled, and evict tokens by the mean plus the variance of their attention over the observation window.
 
 Paper: Ziran Qin, Yuchen Cao, Mingbao Lin, Wen Hu, Shixuan Fan, Ke Cheng, Weiyao Lin, Jianguo Li, "CAKE: Cascading
-and Adaptive KV Cache Eviction with Layer Preferences", arXiv 2503.12491 (ICLR 2025), Section 4: the spatial
-dispersion H_l (entropy of the window's attention over the prefix) and temporal shift V_l (its variance across the
+and Adaptive KV Cache Eviction with Layer Preferences", arXiv 2503.12491 (ICLR 2025), the method's equations: the
+spatial dispersion H_l (entropy of the window's attention over the prefix) and temporal shift V_l (its variance across the
 window's queries) give a preference P_l = H_l^(1/tau1) V_l^(1/tau2); budgets B_l = P_l / sum_k P_k B_total; the
 cascade: after layer m is prefilled, B_total is split over layers 0..m and each evicts down to its share, so memory
 never exceeds B_total; indicator I_i = mean_{j in W} A_{j,i} + gamma var_{j in W} A_{j,i}.

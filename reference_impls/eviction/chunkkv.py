@@ -2,9 +2,9 @@
 
 Paper: Xiang Liu, Zhenheng Tang, Peijie Dong, Zeyu Li, Yue Liu, Bo Li, Xuming Hu, Xiaowen Chu, "ChunkKV:
 Semantic-Preserving KV Cache Compression for Efficient Long-Context LLM Inference", arXiv 2502.00299 (NeurIPS
-2025), Section 3 and Algorithm 1: the observation window's attention to every key, summed over each chunk of c
-consecutive tokens (S_c = sum_{i in c} sum_{j in W} A_{j,i}), the top chunks kept whole beside the window;
-Section 3 also proposes layer-wise index reuse (one selection shared by a group of adjacent layers).
+2025), Algorithm 1: the observation window's attention to every key, summed over each chunk of c
+consecutive tokens (S_c = sum_{i in c} sum_{j in W} A_{j,i}), the top chunks kept whole beside the window; and
+layer-wise index reuse (one selection shared by a group of adjacent layers).
 Official code: https://github.com/NVIDIA/kvpress (`ChunkKVPress`, `kvpress/presses/chunkkv_press.py`, contributed
 by the first author): a wrapper around any scorer press, as `base` is here.
 

@@ -12,7 +12,7 @@ memory. Both take the scorer's protected `window` (SnapKV's observation window, 
     | Pyramid(beta)           | layers | PyramidKV, arXiv 2406.02069, Sec. 3    |
     | Adaptive(alpha, rule)   | heads  | Ada-KV, arXiv 2407.11550, Alg. 1       |
     | Threshold(min_score)    | heads  | FastGen's recovery mode (arXiv 2310.01801): a head keeps every key its scorer lifted |
-    | Cascade()               | layers | CAKE, arXiv 2503.12491, Sec. 4: budgets in proportion to each layer's preference, recut as layers are prefilled |
+    | Cascade()               | layers | CAKE, arXiv 2503.12491: budgets in proportion to each layer's preference, recut as layers are prefilled |
 
 Cascade needs what `layer_budget` does not see (the layer's attention, the other layers' stores), so it is run by
 a store that can revisit earlier layers (`eviction/cake.py`'s); `cascade_budgets` is its allocation. EvictionMethod

@@ -2,7 +2,7 @@
 lazy layers keep just those (StreamingLLM's sinks + window), the other layers keep their whole cache.
 
 Paper: Xuan Zhang, Cunxiao Du, Chao Du, Tianyu Pang, Wei Gao, Min Lin, "SimLayerKV: A Simple Framework for
-Layer-Level KV Cache Reduction", arXiv 2410.13846, Section 3: a layer is lazy when the attention of the last
+Layer-Level KV Cache Reduction", arXiv 2410.13846, the method: a layer is lazy when the attention of the last
 token(s) on the initial tokens I and the recent window R, averaged over heads, exceeds a threshold delta; a
 lazy layer's cache is reduced to I and R, the others are left whole (decided once per input).
 Official code: https://github.com/sail-sg/SimLayerKV (`LongBench/SimLayerKV_llama.py`,
