@@ -16,6 +16,9 @@ from reference_impls.eviction.fastgen import FastGen
 from reference_impls.eviction.expected_attention import ExpectedAttention
 from reference_impls.eviction.lagkv import LagKV
 from reference_impls.eviction.criticalkv import CriticalKV
+from reference_impls.eviction.chunkkv import ChunkKV
+from reference_impls.eviction.cake import CAKE
+from reference_impls.eviction.simlayerkv import SimLayerKV
 
 __all__ = ["EvictingStore", "EvictionMethod", "StreamingLLM", "keep_top"]
 __all__ += ["AdaKV", "KeyDiff", "PyramidKV", "SnapKV"]
@@ -24,3 +27,4 @@ __all__ += ["Scissorhands"]
 __all__ += ["Keyformer"]
 __all__ += ["FastGen"]
 __all__ += ["CriticalKV", "ExpectedAttention", "LagKV"]
+__all__ += ["CAKE", "ChunkKV", "SimLayerKV"]

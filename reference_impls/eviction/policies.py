@@ -1,4 +1,5 @@
-"""Budget policies: how many tokens each layer, then each head, keeps. Any eviction scorer takes any of them.
+"""Budget policies: how many tokens each layer, then each head, keeps. Any eviction scorer takes any of them
+(Cascade: see below).
 
 An eviction method has two policy fields: `layers` turns the uniform per-layer budget b = round(n / ratio)
 into this layer's budget, `heads` turns the layer's budget into one count per KV head from the scorer's
@@ -11,6 +12,12 @@ memory. Both take the scorer's protected `window` (SnapKV's observation window, 
     | Pyramid(beta)           | layers | PyramidKV, arXiv 2406.02069, Sec. 3    |
     | Adaptive(alpha, rule)   | heads  | Ada-KV, arXiv 2407.11550, Alg. 1       |
     | Threshold(min_score)    | heads  | FastGen's recovery mode (arXiv 2310.01801): a head keeps every key its scorer lifted |
+    | Cascade()               | layers | CAKE, arXiv 2503.12491: budgets in proportion to each layer's preference, recut as layers are prefilled |
+
+Cascade needs what `layer_budget` does not see (the layer's attention, the other layers' stores), so it is run by
+a store that can revisit earlier layers (`eviction/cake.py`'s); `cascade_budgets` is its allocation. EvictionMethod
+accepts only the policies its own store runs (uniform, pyramid for `layers`), so a scorer takes Cascade only
+through such a store.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["Adaptive", "Pyramid", "Threshold", "Uniform", "adakv_counts", "pyramid_budgets", "parse_policy"]
+__all__ = ["Adaptive", "Cascade", "Pyramid", "Threshold", "Uniform", "adakv_counts", "cascade_budgets", "parse_policy",
+           "proportional_budgets", "pyramid_budgets"]
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,56 @@ class Threshold(Uniform):
         return (scores >= self.min_score).sum(-1)
 
 
-_BY_NAME = {"uniform": Uniform, "pyramid": Pyramid, "adaptive": Adaptive, "threshold": Threshold}
+def proportional_budgets(weights: Tensor, total: Tensor, cap: Tensor) -> Tensor:
+    """(B, m) integer shares of `total` (B,) in proportion to `weights` (B, m) >= 0, none above `cap` (B,).
+
+    A share that would pass the cap is clipped to it and its excess spread over the others, again in proportion
+    (water filling; all-zero weights split evenly); then rounded by largest remainder, so each row adds up to
+    exactly min(total, m * cap) (total and cap integers).
+    """
+    w, total, cap = weights.double().clamp(min=0), total.double(), cap.double()[:, None]
+    share = torch.zeros_like(w)
+    free = torch.ones_like(w, dtype=torch.bool)
+    for _ in range(w.shape[1]):  # every round clips at least one more layer, or ends
+        rest = (total - torch.where(free, 0.0, share).sum(-1)).clamp(min=0)  # what the clipped layers leave
+        wf = torch.where(free, w, 0.0)
+        wf = torch.where(wf.sum(-1, keepdim=True) > 0, wf, free.double())  # no preference left: evenly
+        share = torch.where(free, wf / wf.sum(-1, keepdim=True) * rest[:, None], share)
+        over = free & (share > cap)
+        if not bool(over.any()):
+            break
+        share, free = torch.where(over, cap, share), free & ~over
+    floor = share.floor()
+    missing = (share.sum(-1, keepdim=True) - floor.sum(-1, keepdim=True)).round().long()  # (B, 1)
+    rank = (floor - share).argsort(dim=-1, stable=True).argsort(dim=-1)  # 0 = largest fractional part
+    return floor.long() + (rank < missing).long()
+
+
+def cascade_budgets(preferences: Tensor, n: Tensor, budget: Tensor, num_layers: int, window: int = 0) -> Tensor:
+    """(B, m) per-layer budgets of the m layers prefilled so far: one stage of CAKE's cascade (arXiv 2503.12491).
+
+    preferences (B, m) >= 0, one per prefilled layer; n (B,) tokens seen; budget (B,) the uniform per-layer budget
+    b; window: tokens every layer keeps on top of its share (the scorer's observation window). The whole model's
+    prefix budget L (b - w) goes to the m layers in proportion to their preferences, each at most n - w
+    (`proportional_budgets`); so the layers prefilled so far never hold more than the budget of all L, and with
+    m = L the split is final. Where b <= w every layer keeps b (as `pyramid_budgets` falls back to uniform).
+    """
+    share = budget - window
+    split = window + proportional_budgets(preferences, num_layers * share.clamp(min=0), (n - window).clamp(min=0))
+    return torch.where((share > 0)[:, None], split, budget[:, None].expand_as(split))
+
+
+@dataclass(frozen=True)
+class Cascade(Uniform):
+    """CAKE's layer budgets: each layer's share in proportion to its preference, recut after every prefilled layer
+    (`cascade_budgets`). A store that runs the cascade (CAKE's) asks for the budgets; `layer_budget` alone keeps
+    every token, as a layer does until its preference is known."""
+
+    def layer_budget(self, n, budget, layer_idx, num_layers, window):
+        return n
+
+
+_BY_NAME = {"uniform": Uniform, "pyramid": Pyramid, "adaptive": Adaptive, "threshold": Threshold, "cascade": Cascade}
 
 
 def parse_policy(value, field_name: str, allowed: tuple[str, ...]):
