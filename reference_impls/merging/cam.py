@@ -6,18 +6,22 @@ the attention output; merging the evicted value into kept ones reduces it. Merge
 probability, Eq. 14 as kvpress's port cites it; here read from the official code): the token e leaving the cache
 is merged with probability p_e = min(1, A_e / mean_{j in W_e} A_j), where A is the attention a key has received and
 W_e the `merge_budget` kept tokens that follow e; when it is, v_j <- v_j + v_e / |W_e| for every j in W_e. Keys
-of evicted tokens are dropped. CaM rides on a base eviction: StreamingLLM (default) or H2O, as in the paper.
+of evicted tokens are dropped. CaM rides on a base eviction: StreamingLLM (default, the official code's) or H2O.
 Official code: https://github.com/zyxxmu/cam (`generate_task/streaming_llm/kv_cache_cam.py` `slicev`,
 `cam_hf/utils_hh/modify_llama_cam.py` `local_cam_mask`); kvpress's `CAMPress` batches the same rule.
-Deviations: (1) the prefill is compressed in one eviction, whose tokens are merged at once (each into the kept
-tokens after it, probabilities from the attention before any merge), as kvpress's CAMPress batches it; the
-official code evicts one token per step, so a value merged into a token evicted later travels on with it. While
-decoding, one token per step, as official. (2) A is the attention accumulated over every query so far (the
-official streaming code's `accum_attn`, kvpress); the official lm-eval variant uses the current queries' mean
-attention and the max over its window. (3) The Bernoulli draw is a hash of (seed, layer, head, position), so runs
-are reproducible and a row of a padded batch draws as if alone. (4) GQA: A is averaged over the query heads of a
-group (kvpress). (5) The budget, round(n / ratio) per head, includes the 4 sinks (StreamingLLM base) or the recent
-half (H2O base); the official scripts set start/recent (or heavy/recent) to 10% + 10% of the sequence.
+Deviations: (1) As our StreamingLLM, the prompt is prefilled with full attention and compressed after; its
+merges are then those of the prompt streamed through CaM, as the official lm-eval code loops over it: in time
+order, a token evicted when R tokens follow it (R = the base's recent window) merges into the next
+min(merge_budget, R) tokens of the sequence, which carry it on if they leave later (a linear recurrence, solved
+at once); p_e uses the attention accumulated over the queries before e leaves. While decoding, one token per
+step merges into the kept tokens after it (several at once in a later chunk, as kvpress's CAMPress batches).
+(2) A is the attention accumulated over the queries so far (the official streaming code's `accum_attn`, kvpress);
+the official lm-eval variant divides by the number of queries (the same ratio) and one variant compares with the
+window's max. (3) The Bernoulli draw is a hash of (seed, layer, head, position), so runs are reproducible and a
+row of a padded batch draws as if alone. (4) GQA: attention averaged over the query heads of a group (kvpress).
+(5) The budget, round(n / ratio) per head, includes the 4 sinks (StreamingLLM base) or the heavy half (H2O
+base); the official scripts set start/recent (or heavy/recent) to 10% + 10% of the sequence. The official code
+implements the StreamingLLM base; the H2O base applies the same rule to H2O's evictions.
 
 Presets: n_sink 4 (the official streaming `StartRecentKVCache_cam`); merge_budget 32 (official `cam_hf`, kvpress;
 the streaming script uses 16); heavy_fraction 0.5 for the H2O base (official heavy_ratio = recent_ratio).
@@ -36,16 +40,47 @@ from reference_impls.eviction.base import EvictionMethod, evicted
 from reference_impls.eviction.h2o import h2o_accumulate, h2o_scores
 from reference_impls.eviction.streamingllm import streaming_scores
 
-__all__ = ["CaM", "cam_merge", "uniform_hash"]
+__all__ = ["CaM", "cam_merge", "cam_stream", "uniform_hash"]
+
+
+def cam_stream(values: Tensor, probs: Tensor, out: Tensor, draws: Tensor, recent: Tensor, merge_budget: int) -> Tensor:
+    """The prompt streamed through CaM (the official lm-eval code's loop): evicted tokens in time order, each
+    leaving when `recent` tokens follow it; its value (with what it received) merges into the next
+    m = min(merge_budget, recent) tokens, whatever their own fate, which carry it on if they leave later.
+
+    values (B, H_kv, T, D) in time order (a dense prefill; left padding first); probs (B, H_kv, T, T): the
+    prefill's attention, GQA-averaged; out (B, H_kv, T) evicted; draws (B, H_kv, T) uniform; recent (B, H_kv).
+    p_e compares attention accumulated over the queries before e leaves (rows < e + recent). Returns all values.
+    """
+    B, H, T, D = values.shape
+    e = torch.arange(T, device=values.device)
+    m = recent.clamp(max=merge_budget)[..., None]  # (B, H_kv, 1)
+    row = (e + recent[..., None] - 1).clamp(0, T - 1)  # (B, H_kv, T): the last query before e leaves
+    acc = probs.cumsum(2).view(B, H, T * T)  # [row, x]: the attention x received from queries up to row
+    after = torch.arange(1, int(m.max()) + 1, device=values.device)  # e's targets: e + 1 .. e + m
+    cols = e[:, None] + after  # (T, M)
+    target = (after <= m[..., None]) & (cols < T)  # (B, H_kv, T, M)
+    n = target.sum(-1)  # |W_e|
+    at = lambda c: acc.gather(2, (row[..., None] * T + c).flatten(2)).view(*c.shape)  # noqa: E731
+    mean = (at(cols.clamp(max=T - 1).expand(B, H, T, -1)) * target).sum(-1) / n.clamp(min=1)
+    prob = (at(e[:, None].expand(B, H, T, 1))[..., 0] / mean).nan_to_num(nan=0.0, posinf=1.0).clamp(0, 1)
+    merged = out & (n > 0) & (draws < prob)
+    # v'_t = v_t + sum over merged e with t among its targets of v'_e / |W_e|: a unit lower-triangular system
+    gap = e[:, None] - e[None, :]  # (T, T) t - e
+    C = ((gap >= 1) & (gap <= m[..., None])) * (merged / n.clamp(min=1))[..., None, :]  # (B, H_kv, T, T)
+    eye = torch.eye(T, device=values.device)
+    v = torch.linalg.solve_triangular(eye - C, values.float(), upper=False, unitriangular=True)
+    return v.to(values.dtype)
 
 
 def cam_merge(values: Tensor, kept_v: Tensor, idx: Tensor, hole: Tensor, out: Tensor, attn: Tensor,
               positions: Tensor, draws: Tensor, merge_budget: int) -> Tensor:
-    """The kept values after merging every evicted token whose draw falls below its merge probability.
+    """One decoding step's evictions: each evicted token merges into the next `merge_budget` kept tokens after it.
 
     values (B, H_kv, T, D): every token of the step; kept_v (B, H_kv, W, D): the kept ones, slot j = token idx[j];
     idx, hole (B, H_kv, W) time order, holes last; out (B, H_kv, T) bool: evicted tokens; attn (B, H_kv, T): the
-    attention each token received; positions (B, H_kv, T); draws (B, H_kv, T) uniform in [0, 1).
+    attention each token received so far; positions (B, H_kv, T); draws (B, H_kv, T) uniform in [0, 1).
+    Several tokens evicted at once merge at once (kvpress's batched CAMPress); one per step is the paper's loop.
     """
     W = idx.shape[-1]
     kept_pos = positions.gather(2, idx).masked_fill(hole, torch.iinfo(positions.dtype).max)  # ascending
@@ -123,4 +158,12 @@ class CaM(EvictionMethod):
         if not bool(out.any()):
             return k, v
         draws = uniform_hash(self.seed, step.layer_idx, step.positions)
-        return k, cam_merge(step.values, v, idx, hole, out, history, step.positions, draws, self.merge_budget)
+        if step.q_len < step.keys.shape[2]:  # a decoding step: the evicted token merges into kept ones
+            return k, cam_merge(step.values, v, idx, hole, out, history, step.positions, draws, self.merge_budget)
+        # the prefill (every key is a query of this step): stream it through CaM as the official code does
+        count = (~hole).sum(-1)
+        recent = count - self.n_sink if self.base == "streamingllm" else count - (count * self.heavy_fraction).round()
+        G = step.queries.shape[1] // step.keys.shape[1]
+        probs = step.probs().view(*step.keys.shape[:2], G, *step.probs().shape[2:]).mean(2)  # GQA: group mean
+        merged = cam_stream(step.values, probs, out, draws, recent.long().clamp(min=0), self.merge_budget)
+        return k, merged.gather(2, idx[..., None].expand_as(v))

@@ -9,7 +9,7 @@ import torch
 from reference_impls import KVCache
 from reference_impls.eviction.streamingllm import StreamingLLM
 from reference_impls.generation import greedy_generate
-from reference_impls.merging.cam import CaM, cam_merge, uniform_hash
+from reference_impls.merging.cam import CaM, cam_merge, cam_stream, uniform_hash
 
 from evict_checks import (budget_at_least_length_is_full, ids, kept_counts_equal_budget,
                           left_padded_batch_equals_batch_one, memory_stays_at_budget)
@@ -31,6 +31,43 @@ def plain_cam(values, kept, attn, positions, out, draws, m):
             for j in after:
                 merged[j] += values[e] / len(after)
     return merged
+
+
+def plain_stream(values, attn_rows, out, draws, R, m):
+    """The prompt streamed as the official lm-eval loop: token e leaves when R tokens follow it; if then its draw
+    is below min(1, its attention / the mean attention of its next min(m, R) tokens, both summed over the
+    queries up to e + R - 1), its current value (with what it received) is split over those next tokens."""
+    T = values.shape[0]
+    v = values.clone()
+    for e in range(T):
+        targets = [j for j in range(e + 1, min(e + min(m, R), T - 1) + 1)]
+        if not out[e] or not targets:
+            continue
+        rows = attn_rows[: min(e + R, T)]  # queries 0 .. e + R - 1
+        a = lambda x: float(rows[:, x].sum())  # noqa: E731
+        mean = sum(a(j) for j in targets) / len(targets)
+        p = min(1.0, a(e) / mean) if mean > 0 else (1.0 if a(e) > 0 else 0.0)
+        if float(draws[e]) < p:
+            for j in targets:
+                v[j] += v[e] / len(targets)
+    return v
+
+
+@pytest.mark.parametrize("m", [1, 4, 32])
+def test_prefill_stream_equals_the_official_loop(m):
+    g = torch.Generator().manual_seed(4)
+    B, H, T, D = 2, 2, 18, 3
+    values = torch.randn(B, H, T, D, generator=g)
+    probs = torch.softmax(torch.randn(B, H, T, T, generator=g).masked_fill(~torch.ones(T, T).bool().tril(), -1e9), -1)
+    out = torch.rand(B, H, T, generator=g) < 0.6
+    draws = torch.rand(B, H, T, generator=g)
+    recent = torch.tensor([[3, 6], [0, 20]])
+    ours = cam_stream(values, probs, out, draws, recent, m)
+    for b in range(B):
+        for h in range(H):
+            ref = plain_stream(values[b, h], probs[b, h], out[b, h], draws[b, h], int(recent[b, h]), m)
+            assert torch.allclose(ours[b, h], ref, atol=1e-5), (b, h)
+    assert torch.equal(cam_stream(values, probs, out, torch.ones_like(draws), recent, m), values)  # nothing merged
 
 
 def random_case(seed=0):
@@ -58,7 +95,7 @@ def random_case(seed=0):
 
 
 @pytest.mark.parametrize("m", [1, 3, 32])
-def test_merge_equals_the_rule_written_as_a_loop(m):
+def test_decoding_merge_equals_the_rule_written_as_a_loop(m):
     values, idx, hole, out, attn, positions, draws = random_case()
     kept_v = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
     ours = cam_merge(values, kept_v, idx, hole, out, attn, positions, draws, m)
@@ -96,9 +133,9 @@ def test_draws_are_reproducible_uniform_and_depend_on_seed_layer_head_and_positi
 
 @torch.no_grad()
 @pytest.mark.parametrize("base", ["streamingllm", "h2o"])
-def test_on_the_model_values_follow_the_rule_and_keys_stay(tiny, base):
-    """Prefill: each layer's kept values equal the rule applied to the step's values, with the attention written
-    as a loop (softmax per query head, causal, summed over queries, mean over the GQA group)."""
+def test_on_the_model_the_prefill_follows_the_loop_and_keys_stay(tiny, base):
+    """Prefill: each layer's kept values are the streamed loop's, on the step's values, with the attention written
+    as a loop (softmax per query head over the causal prefix, mean over the GQA group)."""
     cache = KVCache(tiny, CaM(budget=12, base=base, merge_budget=4))
     seen = {}
     for i, layer in enumerate(cache.layers):
@@ -109,21 +146,22 @@ def test_on_the_model_values_follow_the_rule_and_keys_stay(tiny, base):
             orig(step)
         layer.store.after_attention = wrapped
     tiny(ids(30), cache=cache)
+    R = 12 - 4 if base == "streamingllm" else 6  # the recent window: budget - sinks, or budget - heavy half
     for i, layer in enumerate(cache.layers):
         q, k, v, scaling = seen[i]
         H, H_kv, T = q.shape[1], k.shape[1], k.shape[2]
-        attn = torch.zeros(H_kv, T)
+        rows = torch.zeros(H_kv, T, T)
         for h in range(H):
             for t in range(T):
                 logits = torch.stack([q[0, h, t] @ k[0, h // 2, j] * scaling for j in range(t + 1)])
-                attn[h // 2, : t + 1] += torch.softmax(logits, 0) / 2
+                rows[h // 2, t, : t + 1] += torch.softmax(logits, 0) / 2
         kept = layer.store.kept_slots()[0]
         draws = uniform_hash(0, i, torch.arange(T).expand(1, H_kv, T))[0]
         for h in range(H_kv):
             keep = kept[h].tolist()
             out = torch.tensor([t not in keep for t in range(T)])
-            ref = plain_cam(v[0, h], keep, attn[h], torch.arange(T), out, draws[h], 4)
-            assert torch.allclose(layer.store.v[0, h], torch.stack(ref), atol=1e-5), (i, h)
+            ref = plain_stream(v[0, h], rows[h], out, draws[h], R, 4)
+            assert torch.allclose(layer.store.v[0, h], ref[keep], atol=1e-5), (i, h)
             assert torch.equal(layer.store.k[0, h], k[0, h, keep])
 
 
