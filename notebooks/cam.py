@@ -20,7 +20,8 @@
 # that follow it:
 #
 # $$p_e = \min\Big(1, \frac{\bar A_e}{\tfrac{1}{|\mathcal W_e|}\sum_{j\in\mathcal W_e}\bar A_j}\Big),\qquad
-#   m_e \sim \mathrm{Bernoulli}(p_e),\qquad v_j \leftarrow v_j + \frac{m_e}{|\mathcal W_e|}\,v_e\ \ \forall j\in\mathcal W_e .$$
+#   m_e \sim \mathrm{Bernoulli}(p_e),\qquad
+#   v_j \leftarrow v_j + \frac{m_e}{|\mathcal W_e|}\,v_e\ \ \forall j\in\mathcal W_e .$$
 
 # %%
 import matplotlib.pyplot as plt

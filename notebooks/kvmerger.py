@@ -135,6 +135,9 @@ for name in METHODS:
 # ## What the paper reported, and what we see
 # | | paper (Llama2-7B/13B-chat; LongBench, ZeroScrolls) | here (SmolLM2-135M, CPU) |
 # |---|---|---|
-# | observation 1 | key states are highly similar at the token level within a sequence, adjacent tokens most | adjacent keys against keys 64 tokens apart, per layer, in the plot and the printed means |
-# | observation 2 | this similarity (the sparsity merging exploits) is independent of the dataset, persistent at the model level | the share of adjacent pairs above 0.8 per layer for two unrelated texts, and their mean difference |
-# | merging | better than H2O and CaM at 50% and 35% KV budgets (abstract; the tables could not be read here) | next-token KL from the full cache for KVMerger, its pivots alone and H2O at ratios 2, 4, 8 (one prompt) |
+# | observation 1 | key states are highly similar at the token level within a sequence, adjacent tokens most | adjacent keys: mean cosine 0.84 against 0.63-0.65 for keys 64 tokens apart (mean over layers; per layer in the plot); the similarity matrix of a head shows the band along the diagonal |
+# | observation 2 | this similarity (the sparsity merging exploits) is independent of the dataset, persistent at the model level | the share of adjacent pairs above 0.8 per layer differs by 0.024 on average between prose and Python source |
+# | merging | better than H2O and CaM at 50% and 35% KV budgets (abstract; the tables could not be read here) | on one passkey prompt, merging each set raises the next-token KL from the full cache over keeping its pivot alone (0.25 vs 0.18 at 2x, 0.69 vs 0.49 at 4x, 0.69 vs 0.58 at 8x), and both stay above H2O (0.09, 0.29, 0.35) |
+#
+# A merged key stands for the whole set but is attended to once, and averaging keys of different directions
+# shortens it; the paper's models are 50 to 100 times larger and its budgets (50%, 35%) milder than 4x or 8x.

@@ -68,7 +68,8 @@ def test_matching_and_merging_equal_eqs_8_to_12_as_loops(tau):
             kept = idx[b, h][~hole[b, h]].tolist()
             ref_k, ref_v = plain_d2o(keys[b, h], values[b, h], kept, out[b, h], tau)
             for j in range(len(kept)):
-                assert torch.allclose(k[b, h, j], ref_k[j], atol=1e-5) and torch.allclose(v[b, h, j], ref_v[j], atol=1e-5)
+                assert torch.allclose(k[b, h, j], ref_k[j], atol=1e-5)
+                assert torch.allclose(v[b, h, j], ref_v[j], atol=1e-5)
                 merged_any |= not torch.allclose(k[b, h, j], kept_k[b, h, j])
     assert merged_any
 

@@ -12,7 +12,8 @@ from reference_impls.eviction.policies import Adaptive, Threshold
 from reference_impls.generation import greedy_generate
 from reference_impls.merging.kvmerger import KVMerger
 
-from evict_checks import budget_at_least_length_is_full, ids, kept_counts_equal_budget, left_padded_batch_equals_batch_one
+from evict_checks import (budget_at_least_length_is_full, ids, kept_counts_equal_budget,
+                          left_padded_batch_equals_batch_one)
 
 
 def cos(a, b):
