@@ -3,11 +3,12 @@ set by each layer's attention density.
 
 Paper: Wan, Wu, Zhang, Xin, Tao, Zhu, Wang, Luo, Xiong, Wang, Zhang, "D2O: Dynamic Discriminative Operations for
 Efficient Long-Context Inference of Large Language Models", arXiv 2406.13035 (ICLR 2025). Layer level: layers
-whose attention is dense (low variance) keep more tokens. Token level (Section 4.2, Eqs. 8-12 as we read them):
-an evicted key k_e is matched to its most similar kept key, u_e = max_c cos(k_e, k_c) (Eq. 8-9); it merges only if
-u_e >= tau, an exponential moving average of the evicted tokens' u (Eq. 10); a kept token c becomes the softmax-
-weighted mean of itself (cos(k_c, k_c) = 1, weight e) and the tokens merged into it (weight exp(u_e)), keys and
-values alike: k_c <- (e k_c + sum_e exp(u_e) k_e) / (e + sum_e exp(u_e)) (Eqs. 11-12), a convex combination.
+whose attention is dense (low variance) keep more tokens. Token level (Section 4.2; equation numbers as two
+independent ports cite them, the paper body could not be read here): an evicted key k_e is matched to its most
+similar kept key, u_e = max_c cos(k_e, k_c) (Eqs. 8-9); it merges only if u_e >= tau, an exponential moving
+average of the evicted tokens' u (Eq. 10); a kept token c becomes the softmax-weighted mean of itself
+(cos(k_c, k_c) = 1, weight e) and the tokens merged into it (weight exp(u_e)), keys and values alike:
+k_c <- (e k_c + sum_e exp(u_e) k_e) / (e + sum_e exp(u_e)) (Eqs. 11-12), a convex combination.
 Official code: https://github.com/AIoT-MLSys-Lab/d2o (`LLM_merge_new/LMEval_kv_token_merge/
 modeling_llama3_7b_13b_d2o.py` `D2O_LayerKVCache`, `modeling_llama3_new.py` layer allocation).
 Deviations: (1) Layer budgets: the official code measures every layer's density during the prefill and

@@ -15,12 +15,12 @@ sets; the sets are then recovered from the kept pivots (between two consecutive 
 similar adjacent pair). `heads="threshold"` with Threshold(min_score=-tau) gives the paper's fixed threshold tau.
 Deviations: (1) the paper fixes one threshold (its merging ratio per layer and head follows the similarity); here
 the budget sets it per head (the b - 1 least similar adjacent pairs split the head into b sets), so memory meets
-the target ratio; heads="adaptive" makes it one threshold per layer, heads="threshold" the paper's own.
+the target ratio; heads="adaptive" makes it nearly one threshold per layer, heads="threshold" the paper's own.
 (2) sigma = sum_{i in S} |k_i - k_p| / (sqrt(2) |S|), so 2 sigma^2 is the squared mean distance to the pivot: our
-reading of the kernel width (the paper body could not be read here; no code is published). (3) Aggregated
-attention = the attention each key received from the compressed pass's queries, GQA: mean over the group (as H2O
-here). (4) Prefill only: decoded tokens are kept as they come. (5) Every layer keeps the same budget (the layer
-policies apply); the paper's thresholds merge less in layers whose keys are less alike.
+reading of the kernel width (the paper body, and so its equation numbers, could not be read here; no code is
+published). (3) Aggregated attention = the attention each key received from the compressed pass's queries, GQA:
+mean over the group (as H2O here). (4) Prefill only: decoded tokens are kept as they come. (5) Every layer keeps
+the same budget (the layer policies apply); the paper's thresholds merge less in layers whose keys are less alike.
 """
 
 from __future__ import annotations
