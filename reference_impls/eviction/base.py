@@ -9,6 +9,10 @@ turn the target ratio into a budget per layer (`layers`: uniform or pyramid) and
 uniform, adaptive, threshold), so every scorer runs under every policy. `EvictingStore` does the rest:
 budgets, top-k, gather. Kept tokens stay in time order with their post-RoPE keys, so positions never change.
 
+Token merging rides on the same machinery: after the gather, `EvictionMethod.merge` may fold the evicted tokens'
+keys and values into the kept ones (CaM, D2O, KVMerger in `reference_impls/merging/`). Kept tokens keep their
+slots and positions, so masks, replay and composition with a quantizer work unchanged; only their states change.
+
 Budgets count real tokens: with left padding each row keeps round(n_real / ratio), exactly as if it were
 alone in the batch. When rows or heads keep different numbers of tokens (Adaptive heads, padded batches) the
 store holds them flat, head after head (varlen, as the official Ada-KV code does for flash-attn's varlen
@@ -27,7 +31,7 @@ from torch import Tensor
 from reference_impls.base import DenseStore, KVMethod, Model, Step, nbytes
 from reference_impls.eviction.policies import Uniform, parse_policy
 
-__all__ = ["EvictionMethod", "EvictingStore", "keep_top"]
+__all__ = ["EvictionMethod", "EvictingStore", "evicted", "keep_top"]
 
 
 def keep_top(scores: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,6 +49,14 @@ def keep_top(scores: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     order = torch.where(hole, top + T, top).sort(dim=-1).values  # time order, holes last
     hole = order >= T
     return torch.where(hole, 0, order), hole
+
+
+def evicted(step: Step, idx: Tensor, hole: Tensor) -> Tensor:
+    """(B, H_kv, T) bool: the real tokens of `step.keys` that an eviction keeping (idx, hole) drops."""
+    T = step.keys.shape[2]
+    kept = torch.zeros(*idx.shape[:2], T + 1, dtype=torch.bool, device=idx.device)
+    kept.scatter_(2, idx.masked_fill(hole, T), True)  # empty slots write to a spare column T
+    return step.valid & ~kept[..., :T]
 
 
 @dataclass
@@ -103,6 +115,18 @@ class EvictionMethod(KVMethod):
         history: this step's `observe` result (or None); budget (B,): tokens per head in this layer.
         """
         raise NotImplementedError
+
+    def merge(self, step: Step, history: Optional[Tensor], idx: Tensor, hole: Tensor, k: Tensor,
+              v: Tensor) -> tuple[Tensor, Tensor]:
+        """Fold the evicted tokens into the kept ones (token merging); the default keeps them as they are.
+
+        Called right after the kept tokens are gathered. idx, hole (B, H_kv, W): each kept slot's index into
+        `step.keys` (time order, see `keep_top`), True at empty slots; k, v (B, H_kv, W, D): the kept keys and
+        values; history: this step's `observe` result aligned with `step.keys` (None without one). The dropped
+        tokens are `evicted(step, idx, hole)`, their states `step.keys` / `step.values` there. Returns the kept
+        (k, v), same shapes: a kept token keeps its slot and position, only its states may change.
+        """
+        return k, v
 
     def new_layer(self, layer_idx: int, model: Model) -> "EvictingStore":
         return EvictingStore(self, layer_idx, model)
@@ -187,6 +211,7 @@ class EvictingStore(DenseStore):
         # whole rows by advanced indexing: one contiguous copy per kept token (gather with an index expanded
         # over D reads it element by element, several times slower on CPU)
         self.k, self.v = self.k[rows], self.v[rows]
+        self.k, self.v = m.merge(step, history, idx, hole, self.k, self.v)  # merging methods fold the evicted in
         # a dense store holds every token since the first: its slots are 0 .. T - 1
         slots = self.slots if self.slots is not None else torch.arange(valid.shape[2], device=idx.device).expand_as(valid)
         self.slots = torch.where(hole, -1, torch.gather(slots.long(), 2, idx)).to(torch.int32)
