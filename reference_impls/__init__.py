@@ -17,6 +17,7 @@ _EXPORTS = {
     "Compose": "reference_impls.compose", "EvictionMethod": "reference_impls.eviction",
     "StreamingLLM": "reference_impls.eviction", "SnapKV": "reference_impls.eviction",
     "Quantizer": "reference_impls.quantization.store", "KIVI": "reference_impls.quantization",
+    "RetrievalMethod": "reference_impls.retrieval", "Quest": "reference_impls.retrieval",
     "KVCache": "reference_impls.integration", "prepare_model": "reference_impls.integration",
     "build_prompt": "reference_impls.generation", "greedy_generate": "reference_impls.generation",
     "run_sample": "reference_impls.generation", "make_method": "reference_impls.methods",

@@ -11,8 +11,9 @@ ann_attention.py`, `SparseQ` and `AnnAttention`: the local window of the local_k
 local_k = k / 4 in the paper's sweeps; the current key comes on top of k).
 Deviations: (1) The mean-value reallocation (1 - alpha) v_mean is NOT applied in the model: `select` can only
 choose keys, attention then runs softmax over them (alpha = 1). `sparq_attention` computes the full
-Algorithm 1 output and the notebook measures what the reallocation changes; wiring it needs an output hook
-(see the module's report to the lead). (2) The window and the current key count in k (official: k + 1 keys).
+Algorithm 1 output and the notebook measures what the reallocation changes; applying it in the model needs a
+store hook on the attention output, which the interface does not have. (2) The window and the current key
+count in k (official: k + 1 keys).
 (3) Scores use the model's attention scaling times sqrt(||q||_1 / ||q[i1]||_1) (equal to 1 / tau for
 scaling 1 / sqrt(d)).
 
