@@ -54,7 +54,8 @@ for s in samples:
 rec, layer = records[0], 12
 q, k, v = rec.queries[layer][:, :, -1], rec.keys[layer], rec.values[layer]  # (1, 9, D), (1, 3, T, D)
 T = k.shape[2]
-exact = (torch.softmax(torch.einsum("gjd,gtd->gjt", q[0].view(3, 3, D), k[0]) * rec.scaling, -1) @ v[0]).reshape(1, 9, D)
+weights = torch.softmax(torch.einsum("gjd,gtd->gjt", q[0].view(3, 3, D), k[0]) * rec.scaling, -1)  # (3, 3, T)
+exact = (weights @ v[0]).reshape(1, 9, D)
 full_sparq = sparq_attention(q, k, v, rank=D, k_read=T, local=1, scaling=rec.scaling)
 print(f"max |SparQ(r = d, k = n) - attention| = {float((full_sparq - exact).abs().max()):.1e}")
 cache = cache_from_record(model, SparQ(ratio=8), rec, tok)
@@ -90,14 +91,16 @@ for rec in records:
             for i, r in enumerate(ranks):
                 s_hat, _ = sparq_approx(q, k, r, rec.scaling)
                 mine = s_hat[0].sum(1).topk(n_read, -1).indices
-                stats["agreement"][i] += sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(mine, best)) / (3 * n_read)
+                shared = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(mine, best))
+                stats["agreement"][i] += shared / (3 * n_read)
                 for name, realloc in (("error", True), ("error, no reallocation", False)):
                     ys = sparq_attention(q, k, v, rank=r, k_read=n_read, local=max(1, n_read // 4),
                                          scaling=rec.scaling, reallocate=realloc)[0]
                     stats[name][i] += float((ys - y).norm() / y.norm())
                 qg = q[0].view(3, 3, D).abs()
                 top = qg.sum(1).topk(r, -1).indices  # the group's r channels
-                stats["coverage"][i] += float((torch.gather(qg, 2, top[:, None].expand(-1, 3, -1)).sum(-1) / qg.sum(-1)).mean())
+                kept = torch.gather(qg, 2, top[:, None].expand(-1, 3, -1)).sum(-1)  # (3, 3) L1 mass kept
+                stats["coverage"][i] += float((kept / qg.sum(-1)).mean())
             count += 1
 stats = {name: x / count for name, x in stats.items()}
 

@@ -5,7 +5,6 @@ import torch
 
 from reference_impls import KVCache
 from reference_impls.generation import greedy_generate
-from reference_impls.models import tiny_llama
 from reference_impls.retrieval.quest import Quest, quest_page_scores
 
 from retrieval_checks import (budget_covering_length_is_full, decode_reads_exactly_the_selection, ids, kv_bytes_of,

@@ -55,7 +55,8 @@ def test_approximate_scores_equal_the_plain_formula_with_the_temperature_correct
 
 def test_algorithm_1_output_with_and_without_the_mean_value_reallocation():
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(1, 4, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g)
+    q = torch.randn(1, 4, 8, generator=g)
+    k, v = torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g)
     s = 8 ** -0.5
     s_hat = plain_approx(q[0], k[0], 3)
     sel = brute_force_keys(s_hat, 10, 2)
@@ -70,7 +71,8 @@ def test_algorithm_1_output_with_and_without_the_mean_value_reallocation():
                 y = alpha * y + (1 - alpha) * v[0, gkv].mean(0)
             assert torch.allclose(ours[h], y, atol=1e-5), (realloc, h)
     full = torch.softmax(torch.einsum("ghd,gtd->ght", q.view(2, 2, 8), k[0]) * s, -1) @ v[0]
-    assert torch.allclose(sparq_attention(q, k, v, rank=8, k_read=30, local=1, scaling=s)[0], full.reshape(4, 8), atol=1e-5)
+    ours = sparq_attention(q, k, v, rank=8, k_read=30, local=1, scaling=s)[0]
+    assert torch.allclose(ours, full.reshape(4, 8), atol=1e-5)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""The retrieval family's shared pieces: per-head top-k with forced keys and per-row budgets, read budgets, and a
-replayed prefill reading what a live one reads."""
+"""The retrieval family's shared pieces (`retrieval/base.py`, which has no test file of its own so that a change to
+it runs this whole folder): per-head top-k with forced keys and per-row budgets, read budgets, and a replayed
+prefill reading what a live one reads."""
 
 import torch
 
