@@ -19,6 +19,7 @@ _EXPORTS = {
     "Quantizer": "reference_impls.quantization.store", "KIVI": "reference_impls.quantization",
     "ThinK": "reference_impls.lowrank", "MiniCache": "reference_impls.crosslayer",
     "KVSharer": "reference_impls.crosslayer",
+    "RetrievalMethod": "reference_impls.retrieval", "Quest": "reference_impls.retrieval",
     "KVCache": "reference_impls.integration", "prepare_model": "reference_impls.integration",
     "build_prompt": "reference_impls.generation", "greedy_generate": "reference_impls.generation",
     "run_sample": "reference_impls.generation", "make_method": "reference_impls.methods",
