@@ -18,6 +18,7 @@ _EXPORTS = {
     "StreamingLLM": "reference_impls.eviction", "SnapKV": "reference_impls.eviction",
     "Quantizer": "reference_impls.quantization.store", "KIVI": "reference_impls.quantization",
     "ThinK": "reference_impls.lowrank",
+    "RazorAttention": "reference_impls.heads", "DuoAttention": "reference_impls.heads", "HeadKV": "reference_impls.heads",
     "KVCache": "reference_impls.integration", "prepare_model": "reference_impls.integration",
     "build_prompt": "reference_impls.generation", "greedy_generate": "reference_impls.generation",
     "run_sample": "reference_impls.generation", "make_method": "reference_impls.methods",
