@@ -29,8 +29,9 @@ Deviations:
     (StreamingLLM). With `retrieval` set (the paper's mode, 1 - sparsity), the ratio is ignored.
 (4) The prefill runs with full attention in every head and is evicted afterwards (the paper's streaming heads
     already prefill with the window); streaming heads then roll their window while decoding, as in the paper.
-(5) The calibration prompt's passkey sits at its start (the shipped "passkey" text has it at depth 0), next to the
-    sinks; the distillation still sees every head that reads past the window.
+(5) The shipped "passkey" calibration prompt states its passkey at depth 0 (tokens ~6-20), just past the 4 sinks:
+    the distillation sees the heads that read it, but a needle mid-context would set them apart from sink heads
+    more cleanly.
 """
 
 from __future__ import annotations

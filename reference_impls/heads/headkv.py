@@ -16,8 +16,8 @@ Deviations:
 (1) Importance is measured on the shipped "passkey" calibration prompt: the needle is the passkey's digit tokens
     (the haystack has no digits), and one answer step, the last prompt query (it generates the first digit), where
     the official probe sums the R2 rule over every answer token of many needle prompts (and keeps only those it
-    answered right). No reasoning needles ship with Python, so "retrieval-reasoning" here is the R2 rule applied to
-    a retrieval needle. Without a tokenizer (random-weight models) no needle can be found: every head scores the
+    answered right), and the shipped prompt states its passkey at depth 0 (tokens ~6-20). No reasoning needles ship
+    with Python, so "retrieval-reasoning" here is the R2 rule applied to a retrieval needle. Without a tokenizer (random-weight models) no needle can be found: every head scores the
     same and HeadKV is SnapKV with uniform budgets.
 (2) GQA: the official code selects per query head (keys repeated); here a KV head's score is the sum of its group's.
 (3) Rounding and caps: head budgets are rounded by largest remainder so the model holds exactly L H_kv B (+ windows)

@@ -107,10 +107,11 @@ class RazorStore(SplitStore):
         if self.comp is not None and step.compress:
             raise ValueError("RazorAttention compresses once: this cache already holds compensation tokens")
         out = super().evict(step)
-        if out is not None and step.compress:
+        if out is not None and step.compress and self.method.compensate:
             idx, hole = out
             T = step.keys.shape[2]
-            kept = step.valid.new_zeros(*idx.shape[:2], T + 1).scatter_(2, torch.where(hole, T, idx), True)  # holes -> T
+            # mark what each head kept; empty slots (hole) point at an extra column T
+            kept = step.valid.new_zeros(*idx.shape[:2], T + 1).scatter_(2, torch.where(hole, T, idx), True)
             dropped = step.valid & ~kept[..., :T]
             if bool(dropped.any()):
                 k_hat, v_hat, n_d = compensation_token(step.keys, step.values, dropped)
@@ -132,6 +133,7 @@ class RazorAttention(EvictionMethod):
         echo, induction: fractions of all KV heads kept whole as echo / induction heads (paper: 0.01, 0.14).
         n_sink: N0, initial tokens every head keeps. s0: S0, the shortest recent buffer.
         compression: C; None chooses it for the target ratio (Deviation 3).
+        compensate: hold the compensation token (False: drop the remote tokens outright, the paper's ablation).
         calib_tokens: length of the repeated random sequence the heads are scored on.
         heads: Threshold(1.0) keeps exactly each head's keep set (see `reference_impls.heads.base`).
     """
@@ -141,6 +143,7 @@ class RazorAttention(EvictionMethod):
     n_sink: int = 4
     s0: int = 16
     compression: Optional[float] = None
+    compensate: bool = True
     calib_tokens: int = 1024
     heads: Any = field(default_factory=lambda: Threshold(1.0))
     _retrieval: Optional[Tensor] = field(default=None, init=False, repr=False, compare=False)
@@ -150,11 +153,13 @@ class RazorAttention(EvictionMethod):
         super().__post_init__()
         for knob, ok, allowed in (
                 ("echo", isinstance(self.echo, (int, float)) and 0 <= self.echo <= 1, "a number in [0, 1]"),
-                ("induction", isinstance(self.induction, (int, float)) and 0 <= self.induction <= 1, "a number in [0, 1]"),
+                ("induction", isinstance(self.induction, (int, float)) and 0 <= self.induction <= 1,
+                 "a number in [0, 1]"),
                 ("n_sink", isinstance(self.n_sink, int) and self.n_sink >= 0, "an int >= 0"),
                 ("s0", isinstance(self.s0, int) and self.s0 >= 0, "an int >= 0"),
                 ("compression", self.compression is None or (isinstance(self.compression, (int, float))
                                                              and self.compression >= 1), "None or a number >= 1"),
+                ("compensate", isinstance(self.compensate, bool), "True or False"),
                 ("calib_tokens", isinstance(self.calib_tokens, int) and self.calib_tokens >= 16, "an int >= 16")):
             if not ok:
                 raise ValueError(f"RazorAttention: {knob} must be {allowed}, got {getattr(self, knob)!r}")
@@ -187,8 +192,8 @@ class RazorAttention(EvictionMethod):
             L = n.double() / self.compression
         elif self._frac >= 1:
             L = n.double()
-        else:  # f heads hold n tokens, the rest n_sink + L + 1 (the compensation token): their mean is the budget
-            L = (budget.double() - self._frac * n.double()) / (1 - self._frac) - self.n_sink - 1
+        else:  # f heads hold n tokens, the rest n_sink + L (+ 1, the compensation token): their mean is the budget
+            L = (budget.double() - self._frac * n.double()) / (1 - self._frac) - self.n_sink - int(self.compensate)
         return torch.minimum(L.round().long().clamp(min=self.s0), n)
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:

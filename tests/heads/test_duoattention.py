@@ -49,7 +49,8 @@ def test_gates_reach_the_closed_form_of_the_one_head_lasso():
 
 @pytest.mark.parametrize("n,b", [(200, 100), (200, 50), (200, 20), (200, 5), (50, 60), (100, 69)])
 def test_split_keeps_the_most_heads_whole_that_the_budget_allows(n, b):
-    """Brute force over k: the largest k with k n + (total - k)(sink + recent) <= total b; the rest share what is left."""
+    """Brute force over k: the largest k with k n + (total - k)(sink + recent) <= total b; the rest share what is
+    left."""
     total, sink, recent = 6, 4, 16
     k, window = duo_split(torch.tensor([n]), torch.tensor([b]), total, sink, recent)
     b = min(b, n)

@@ -127,7 +127,8 @@ def test_the_compensation_token_is_the_mean_of_what_was_dropped_and_weighs_as_th
             if dropped:
                 mean_k = sum(pre["k"][0, h, j] for j in dropped) / len(dropped)
                 mean_v = sum(pre["v"][0, h, j] for j in dropped) / len(dropped)
-                assert torch.allclose(k_hat[0, h, 0], mean_k, atol=1e-6) and torch.allclose(v_hat[0, h, 0], mean_v, atol=1e-6)
+                assert torch.allclose(k_hat[0, h, 0], mean_k, atol=1e-6)
+                assert torch.allclose(v_hat[0, h, 0], mean_v, atol=1e-6)
                 assert abs(float(log_n[0, h].exp()) - len(dropped)) < 1e-3 and int(slot[0, h]) == dropped[0]
             # Eq. 5 by repetition: held keys (kept prompt tokens, then the new token) and len(dropped) copies of k_hat
             keys = [pre["k"][0, h, j] for j in kept] + [dec["k"][0, h, -1]] + [k_hat[0, h, 0]] * len(dropped)
@@ -160,6 +161,9 @@ def test_the_ratio_chooses_c_and_beyond_the_retrieval_heads_share_the_cache_is_t
         assert held == T + 3 * (2 + max(L, s0) + 1), (ratio, held)  # 1 whole head, 3 with sinks, buffer, comp
         if ratio == 2:
             assert abs(held - 4 * T / ratio) <= 4  # on target, up to rounding
+    plain = KVCache(model, razor(compensate=False))  # the ablation: remote tokens dropped, nothing stands for them
+    model(ids(T, seed=5), cache=plain)
+    assert all(layer.store.comp is None and layer.store.logit_bias() is None for layer in plain.layers)
     gen = greedy_generate(model, KVCache(model, make_method("razorattention", 4)), [ids(150)], 4)
     assert len(gen.tokens) == 4 and gen.kv_bytes < 2 * gen.full_kv_bytes  # fp32 held, 16-bit full
 
@@ -167,12 +171,15 @@ def test_the_ratio_chooses_c_and_beyond_the_retrieval_heads_share_the_cache_is_t
 def test_compensation_token_function_on_a_hand_example():
     k = torch.arange(12.0).view(1, 1, 4, 3)
     k_hat, v_hat, n = compensation_token(k, -k, torch.tensor([[[True, False, True, False]]]))
-    assert k_hat.tolist() == [[[[3.0, 4.0, 5.0]]]] and v_hat.tolist() == [[[[-3.0, -4.0, -5.0]]]] and n.tolist() == [[2]]
+    assert k_hat.tolist() == [[[[3.0, 4.0, 5.0]]]] and v_hat.tolist() == [[[[-3.0, -4.0, -5.0]]]]
+    assert n.tolist() == [[2]]
 
 
 def test_bad_parameters_are_rejected():
     for kw, name in ((dict(echo=1.5), "echo"), (dict(induction=-0.1), "induction"), (dict(n_sink=-1), "n_sink"),
-                     (dict(s0=1.5), "s0"), (dict(compression=0.5), "compression"), (dict(calib_tokens=4), "calib_tokens"),
+                     (dict(s0=1.5), "s0"), (dict(compression=0.5), "compression"),
+                     (dict(calib_tokens=4), "calib_tokens"),
+                     (dict(compensate=1), "compensate"),
                      (dict(ratio=0.5), "ratio")):
         with pytest.raises(ValueError, match=name):
             RazorAttention(**kw)
