@@ -20,6 +20,8 @@ _EXPORTS = {
     "ThinK": "reference_impls.lowrank", "MiniCache": "reference_impls.crosslayer",
     "KVSharer": "reference_impls.crosslayer",
     "RetrievalMethod": "reference_impls.retrieval", "Quest": "reference_impls.retrieval",
+    "ThinK": "reference_impls.lowrank",
+    "RazorAttention": "reference_impls.heads", "DuoAttention": "reference_impls.heads", "HeadKV": "reference_impls.heads",
     "KVCache": "reference_impls.integration", "prepare_model": "reference_impls.integration",
     "build_prompt": "reference_impls.generation", "greedy_generate": "reference_impls.generation",
     "run_sample": "reference_impls.generation", "make_method": "reference_impls.methods",

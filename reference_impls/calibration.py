@@ -59,7 +59,9 @@ def calibration_ids(text: str, tokens: int, tokenizer=None, vocab_size: Optional
     if text == "stdlib":
         body = " ".join(haystack_sentences())
     else:
-        s = passkey_samples(1, tokens, seed=seed, tokenizer=tokenizer)[0]
+        # the needle mid-prompt: at depth 0 it would sit beside the sink tokens, and heads that attend to sinks
+        # would pass for retrieval heads
+        s = passkey_samples(1, tokens, seed=seed, tokenizer=tokenizer, depths=[0.5])[0]
         body = s["context"] + "\n\n" + QUESTION + " " + s["answer_prefix"]
     ids = tokenizer(body, add_special_tokens=False, return_tensors="pt").input_ids
     # prose: its first tokens; a passkey prompt: its last (the question must stay)
@@ -79,6 +81,8 @@ def _disk_path(model, text: str, tokens: int) -> Optional[Path]:
 @torch.no_grad()
 def calibration_steps(model, tokenizer=None, text: str = "stdlib", tokens: int = 1024) -> list[Step]:
     """One dense Step per layer of an uncompressed prefill of `tokens` tokens of calibration `text`."""
+    if tokenizer is None and text in ("stdlib", "passkey"):
+        text = "random"  # the documented fallback, memoised and cached under its own name
     per_model = _memo.setdefault(model, {})
     if (text, tokens) not in per_model:
         path = _disk_path(model, text, tokens)

@@ -84,7 +84,12 @@ class ComposedStore(LayerStore):
         self.ev.k = self.ev.v = None  # the quantizer store holds the data
 
     def nbytes(self) -> int:
-        return self.q.nbytes() + nbytes(self.ev.slots, self.ev.history, self.ev.counts)
+        # the eviction store's own tensors (kept slots, statistic, counts, a compensation token's count ...);
+        # its dense keys/values are None between steps: the quantizer store holds the data
+        return self.q.nbytes() + self.ev.nbytes()
 
     def kept_slots(self) -> Optional[Tensor]:
         return self.ev.kept_slots()
+
+    def logit_bias(self) -> Optional[Tensor]:
+        return self.ev.logit_bias()
