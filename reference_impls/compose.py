@@ -24,7 +24,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from reference_impls.base import KVMethod, LayerStore, Model, Step, nbytes
+from reference_impls.base import KVMethod, LayerStore, Model, Step
 from reference_impls.eviction.base import EvictingStore, EvictionMethod
 from reference_impls.quantization.store import QuantizedStore, Quantizer
 
