@@ -85,7 +85,7 @@ hook = model.model.layers[layer].self_attn.k_proj.register_forward_hook(lambda m
 rec = record_prefill(model, ctx)
 hook.remove()
 T = ctx.shape[1]
-cos, sin = (t[:, None] for t in KVCache(model, Full()).rope(torch.arange(T)[None]))  # (1, 1, T, D) each
+cos, sin = (t[:, None] for t in KVCache(model, Full()).model_info.rope(torch.arange(T)[None]))  # (1, 1, T, D) each
 post_all = rec.keys
 pre_all = [apply_rope(k, cos, sin, inverse=True) for k in rec.keys]
 k_proj = seen["k"].view(1, T, -1, D).transpose(1, 2)  # the keys before the model rotated them
