@@ -21,7 +21,7 @@ __all__ = ["COMPOSITIONS", "QUICK", "cmd_bench", "split_methods", "parse_shard"]
 #: compositions in the default grid: a prefill-time and a decode-time eviction method, each stored by KIVI
 COMPOSITIONS = ("snapkv+kivi", "h2o+kivi")
 #: the quick grid: every implemented method and one composition, 4x, three tasks at 1.5k tokens, 3 prompts each,
-#: query-aware, one timing repeat (~15 minutes on 2 CPU cores)
+#: query-aware, one timing repeat (8.5 minutes on 2 CPU cores with 21 methods; not re-timed with 46)
 QUICK = {"ratios": "4", "tasks": "passkey,multikey,docqa", "lengths": "1500", "n": 3, "settings": "query-aware",
          "repeats": 1, "compositions": ("snapkv+kivi",)}
 
@@ -137,7 +137,7 @@ def add_parser(sub) -> None:
                        "unit, times, provenance), per-sample answers in <output>.samples.jsonl. Rerunning resumes.")
     p.add_argument("--quick", action="store_true", help="every implemented method and snapkv+kivi on a reduced grid "
                    "(4x; passkey, multikey, docqa at 1.5k tokens; 3 prompts; query-aware; one timing repeat): "
-                   "~15 minutes on 2 CPU cores")
+                   "8.5 minutes on 2 CPU cores when it covered 21 methods (not re-timed since)")
     p.add_argument("--methods", help="comma-separated method strings as `generate` takes them (knobs and "
                    "compositions); default: every implemented method plus " + ", ".join(COMPOSITIONS))
     p.add_argument("--ratios", help="target ratios against a 16-bit cache (default 2,4,8)")
