@@ -258,9 +258,10 @@ def quick_section(rows: list[dict], names: dict[str, str]) -> list[str]:
     if not rows:
         return []
     tasks = sorted({r["task"] for r in rows})
-    return ["## The quick grid", "", f"`kvatlas bench --quick`: every implemented method at one target ratio on "
+    methods = len({r["method"] for r in rows})
+    return ["## The quick grid", "", f"`kvatlas bench --quick`: {methods} methods at one target ratio on "
             f"{', '.join(tasks)}, {max(r['n'] for r in rows)} prompts per cell (a smoke test of the whole "
-            "benchmark that fits 20 minutes on 2 CPU cores; the tables above have more prompts).", ""] + overall_table(
+            "benchmark on 2 CPU cores; the tables above have more prompts).", ""] + overall_table(
         rows, names)
 
 
