@@ -119,4 +119,4 @@ for name in methods:
 # | observation | token-wise methods keep isolated words and lose their context; chunks keep phrases whole (Figure 1) | over the same SnapKV scores, the needle sentence's kept tokens come in unbroken pieces of 15 / 13 / 9 tokens with chunks against 5.5 / 4.3 / 4.3 token-wise (x2 / x4 / x8), for about as much of it kept (0.52 vs 0.45 at x2, equal at x4 and x8) |
 # | result | up to 8.7% better precision than SnapKV/PyramidKV at the same compression ratio (abstract) | passkeys recovered: 3/3 with chunks vs 0/3 token-wise at x2 and x4, 0/3 for both at x8 (3 prompts: an illustration, not a benchmark) |
 # | index reuse | reusing the chunk indices of one layer in the next saves 26.5% throughput (abstract) | not implemented: it saves selection time, not memory |
-# | chunk size | 10 recommended (chunk-size ablation) | default 10 here (kvpress defaults to 20) |
+# | chunk size | 10 recommended (chunk-size ablation) | default 10 here (kvpress's own default is twice that) |

@@ -81,6 +81,6 @@ for name, make in (("llmlingua", lambda r: LLMLingua(ratio=r)),
 # ## What the paper reported, and what we see
 # | | paper | here (SmolLM2-135M, CPU) |
 # |---|---|---|
-# | GSM8K (GPT-3.5-Turbo, Alpaca-7B scorer) | exact match 79.08 at 5x vs 78.85 uncompressed (Table 2) | not run: the 135M model cannot do GSM8K |
+# | GSM8K (GPT-3.5-Turbo, Alpaca-7B scorer) | exact match 79.08 at 5x vs 78.85 uncompressed (Table 2) | not run: the embedded SmolLM2 model cannot do GSM8K |
 # | compression | up to 20x with little loss (abstract) | passkey accuracy at 2x and 4x in the cell above |
 # | scorer | a separate small LM, aligned by instruction tuning | the served model itself, not aligned |

@@ -68,6 +68,6 @@ for aware in (True, False):
 # ## What the paper reported, and what we see
 # | | paper | here (SmolLM2-135M, CPU) |
 # |---|---|---|
-# | NaturalQuestions, 20 docs, answer at position 10 (GPT-3.5-Turbo) | 71.2 at 4x vs 54.1 uncompressed (Table 1) | not run: multi-document QA is beyond the 135M model |
+# | NaturalQuestions, 20 docs, answer at position 10 (GPT-3.5-Turbo) | 71.2 at 4x vs 54.1 uncompressed (Table 1) | not run: multi-document QA is beyond the embedded SmolLM2 model |
 # | ranking | question-conditioned perplexity ranks the answer's document higher (Figure 3) | rank of the passkey's document, both rankings, in the cell above |
 # | settings | the question is always known | query-aware and query-agnostic (falls back to LLMLingua) above |
