@@ -25,7 +25,7 @@ def test_each_kind_of_change_maps_to_its_tests():
     assert t(["reference_impls/eviction/base.py", "tests/eviction/test_h2o.py"]) == ATLAS + ["tests/eviction"]
     assert t(["tests/quantization/quant_checks.py"]) == ATLAS + ["tests/quantization"]
     # entries without an implementation, deleted files, docs: only the atlas tests
-    assert t(["taxonomy/quest.yaml", "taxonomy/gone.yaml", "README.md", "taxonomy/vocabulary.yaml"]) == ATLAS
+    assert t(["taxonomy/kvzip.yaml", "taxonomy/gone.yaml", "README.md", "taxonomy/vocabulary.yaml"]) == ATLAS
     # the shared core and the build: everything
     assert t(["reference_impls/integration.py"]) == ["tests"]
     assert t(["README.md", "pyproject.toml"]) == ["tests"]
