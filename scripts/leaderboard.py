@@ -270,7 +270,8 @@ def passkey_section(rows: list[dict], names: dict[str, str]) -> list[str]:
     achieved ratio, and for retrieval methods the ratio of bytes read per decoded token."""
     if not rows:
         return []
-    n, length = max(r["n"] for r in rows), sorted({r["length"] for r in rows})
+    ns, length = sorted({r["n"] for r in rows}), sorted({r["length"] for r in rows})
+    n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]} to {ns[-1]} (column n)"
     out = ["## Every method on passkey, both settings", "",
            f"{n} passkey prompts of {', '.join(map(str, length))} tokens per cell, query-aware (question prefilled "
            "with the context) and query-agnostic (context compressed before the question arrives), at each "
