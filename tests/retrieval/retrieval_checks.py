@@ -2,17 +2,16 @@
 lets each decoding query read a selection; these check that the model really read exactly that selection, that
 a budget covering the row changes nothing, and that the bytes reported are the bytes selected."""
 
+import sys
+from pathlib import Path
+
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from reference_impls import Full, KVCache
-from reference_impls.integration import ATTN_NAME
 
-
-def ids(n, seed=0):
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+# the plain masked-attention reference and the prompt helper are the eviction tests' (one copy of each)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eviction"))
+from evict_checks import ids, reference_logits  # noqa: E402,F401
 
 
 def spy_select(cache):
@@ -29,31 +28,6 @@ def spy_select(cache):
             return sel
         layer.store.select = wrapped
     return log
-
-
-_REF_MASKS = {}
-
-
-def _ref_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Plain SDPA under a per-layer, per-KV-head boolean mask taken from _REF_MASKS."""
-    m = _REF_MASKS[module.layer_idx]  # (1, H_kv, n, n)
-    G = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
-                                         attn_mask=m.repeat_interleave(G, 1), scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def reference_logits(model, seq, masks):
-    """Last-position logits of a plain transformers forward of `seq` where layer l attends under masks[l]."""
-    AttentionInterface.register("retrieval_ref", _ref_attention)
-    AttentionMaskInterface.register("retrieval_ref", sdpa_mask)
-    _REF_MASKS.clear()
-    _REF_MASKS.update(masks)
-    model.set_attn_implementation("retrieval_ref")
-    try:
-        return model(seq).logits[:, -1]
-    finally:
-        model.set_attn_implementation(ATTN_NAME)
 
 
 @torch.no_grad()
