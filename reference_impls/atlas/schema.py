@@ -113,6 +113,10 @@ class Entry(BaseModel):
     compared_with: list[str] = Field(default_factory=list)
     implementation: Optional[str] = Field(None, pattern=r"^reference_impls(\.[A-Za-z_][A-Za-z0-9_]*)+$")
     notebook: Optional[str] = Field(None, pattern=r"^notebooks/[A-Za-z0-9_]+\.py$")
+    architecture: Optional[str] = Field(None, pattern=r"^reference_impls\.architectures(\.[A-Za-z_][A-Za-z0-9_]*)+$",
+                                        description=(
+        "For entries that change the model itself (trained in or converted, not a cache policy): the dotted "
+        "path of its module in reference_impls.architectures (a torch nn.Module or conversion function)"))
 
     @field_validator("summary")
     @classmethod
@@ -141,6 +145,8 @@ class Entry(BaseModel):
             raise ValueError("an entry needs an arxiv id, a doi or a url")
         if (self.implementation is None) != (self.notebook is None) and self.implementation is not None:
             raise PydanticCustomError("needs_notebook", "an entry with an implementation also needs its notebook")
+        if self.architecture is not None and self.notebook is None:
+            raise PydanticCustomError("needs_notebook", "an entry with an architecture module also needs its notebook")
         if not self.reported_results and not self.no_results_reason:
             # its own error type, so the validator can name the field (a model validator has no location)
             raise PydanticCustomError("no_results", "an entry needs at least one reported result or a "

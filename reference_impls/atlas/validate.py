@@ -205,6 +205,9 @@ def load_entries(paths: Iterable[Path] | None = None, *, check_links: bool = Tru
             if e.implementation and not _exists_dotted(e.implementation):
                 problems.append(Problem(shown, _line_of(nodes[shown], ("implementation",)), "implementation",
                                         f"{e.implementation!r} cannot be imported"))
+            if e.architecture and not _exists_dotted(e.architecture):
+                problems.append(Problem(shown, _line_of(nodes[shown], ("architecture",)), "architecture",
+                                        f"{e.architecture!r} cannot be imported"))
             if e.notebook and not packaged and not (root / e.notebook).is_file():
                 problems.append(Problem(shown, _line_of(nodes[shown], ("notebook",)), "notebook",
                                         f"{e.notebook!r} does not exist"))
