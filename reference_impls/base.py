@@ -189,6 +189,8 @@ class Step:
     def last(self, n: int) -> "Step":
         """The same step restricted to its last n queries (e.g. an observation window); probs are shared."""
         n = min(n, self.q_len)
+        if n == self.q_len:  # all of it (a decoding step's one query): the step itself, its mask and probs included
+            return self
         return dataclasses.replace(self, queries=self.queries[:, :, -n:], q_positions=self.q_positions[:, -n:],
                                    _mask=None if self._mask is None else self._mask[:, :, -n:],
                                    _probs=None if self._probs is None else self._probs[:, :, -n:])
