@@ -9,6 +9,12 @@ turn the target ratio into a budget per layer (`layers`: uniform or pyramid) and
 uniform, adaptive, threshold), so every scorer runs under every policy. `EvictingStore` does the rest:
 budgets, top-k, gather. Kept tokens stay in time order with their post-RoPE keys, so positions never change.
 
+Methods that evict while decoding (StreamingLLM, H2O, TOVA ...) pay for this at every step of every layer, so
+the steady state has its own short path: once every head holds exactly its budget, a decoded token comes in and
+each head's lowest-scored token goes out (`drop_lowest`: the one the top-k would leave out; on a tie the top-k
+decides), with whole-row copies (`take_rows`) and no masks, counts, top-k or sort over the cache. Same tokens
+kept, same logits, bit for bit (tests/eviction/test_decoding_steady_state.py).
+
 Token merging rides on the same machinery: after the gather, `EvictionMethod.merge` may fold the evicted tokens'
 keys and values into the kept ones (CaM, D2O, KVMerger in `reference_impls/merging/`). Kept tokens keep their
 slots and positions, so masks, replay and composition with a quantizer work unchanged; only their states change.
@@ -249,7 +255,9 @@ class EvictingStore(DenseStore):
         elif not (m.evict_while_decoding and self.row_budget is not None):
             return None
         # the steady state of decoding, one token in and one out per head (see `tight`): no masks, counts or top-k
-        scores = m.score(step, history, self.row_budget).float() if self.tight and step.q_len == 1 else None
+        # (not on a compressing pass: it sets a new budget)
+        steady = self.tight and step.q_len == 1 and not step.compress
+        scores = m.score(step, history, self.row_budget).float() if steady else None
         idx = None if scores is None else drop_lowest(scores)
         if idx is not None:
             hole = torch.zeros_like(idx, dtype=torch.bool)

@@ -110,3 +110,16 @@ def test_the_mask_handed_to_a_dense_decoding_step_is_the_one_it_would_build(tiny
     for t in range(3):
         tiny(torch.tensor([[5 + t]]), cache=cache)
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in seen)
+
+
+@torch.no_grad()
+def test_a_compressing_pass_of_one_token_sets_a_new_budget_instead(tiny):
+    """Re-armed on a one-token pass, the store re-budgets (round(n / ratio), now above what it holds): nothing goes."""
+    cache = KVCache(tiny, StreamingLLM(ratio=2))
+    tiny(ids(30), cache=cache)
+    for t in range(3):
+        tiny(torch.tensor([[5 + t]]), cache=cache)
+    held = cache.layers[0].store.kept_slots().shape[-1]  # 15: the budget of the 30-token prompt
+    cache.compress_next = True
+    tiny(torch.tensor([[9]]), cache=cache)  # 34 seen: the budget becomes 17 > 16 held
+    assert cache.layers[0].store.kept_slots().shape[-1] == held + 1
