@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from reference_impls.base import DenseStore, KVMethod, Model, Step, nbytes
@@ -189,15 +190,26 @@ class EvictingStore(DenseStore):
         # policy keeps that many: then a decoding step adds one real token per head (the interface's last query is
         # always real) and each head drops exactly one, the lowest score (`evict`, `drop_lowest`)
         self.tight = False
+        # after a steady-state eviction: the kept (k, v, slots), views of buffers (k, v, slots) with one spare row per
+        # head after them, where `append` writes the next token in place instead of concatenating (allocation
+        # slack, like a list's capacity: nbytes counts the views, the kept tokens)
+        self.spare: Optional[tuple[Tensor, ...]] = None
 
     def append(self, k: Tensor, v: Tensor):
         q = k.shape[2]
         if self.counts is not None:
             self._unflatten()
-        super().append(k, v)
-        if self.slots is not None:
-            new = torch.arange(self.seen, self.seen + q, device=k.device, dtype=self.slots.dtype)
-            self.slots = torch.cat([self.slots, new.expand(*self.slots.shape[:2], q)], dim=2)
+        spare, self.spare = self.spare, None
+        if q == 1 and spare is not None and all(a is b for a, b in zip((self.k, self.v, self.slots), spare)):
+            self.k, self.v, self.slots = spare[3:]  # the same values a concatenation gives, without copying the cache
+            self.k[:, :, -1:] = k
+            self.v[:, :, -1:] = v
+            self.slots[..., -1] = self.seen
+        else:
+            super().append(k, v)
+            if self.slots is not None:
+                new = torch.arange(self.seen, self.seen + q, device=k.device, dtype=self.slots.dtype)
+                self.slots = torch.cat([self.slots, new.expand(*self.slots.shape[:2], q)], dim=2)
         self.seen += q
         return self.k, self.v, self.kept_slots()
 
@@ -261,7 +273,13 @@ class EvictingStore(DenseStore):
         idx = None if scores is None else drop_lowest(scores)
         if idx is not None:
             hole = torch.zeros_like(idx, dtype=torch.bool)
-            slots = take_rows(self.slots, idx)
+            spare = F.pad(idx, (0, 1))  # + one spare row per head (a copy of row 0) for the next token, see `append`
+            rows = row_index(spare, self.k.shape[2])
+            buffers = take_rows(self.k, spare, rows), take_rows(self.v, spare, rows), take_rows(self.slots, spare)
+            k, v, slots = (x[:, :, :-1] for x in buffers)
+            k2, v2 = m.merge(step, history, idx, hole, k, v)  # merging methods fold the evicted in
+            self.k, self.v, self.slots = k2, v2, slots
+            self.spare = (k, v, slots, *buffers) if k2 is k and v2 is v else None  # a merge may give new tensors
         else:  # the general case (and a tie for the lowest score, which `keep_top` decides as it always did)
             self.tight = False
             valid = step.valid
@@ -279,10 +297,10 @@ class EvictingStore(DenseStore):
             # tight from now on if every head kept its row's whole budget of real tokens under a uniform head policy
             self.tight = (getattr(type(m.heads), "head_counts", None) is Uniform.head_counts and bool(valid.all())
                           and bool((counts == self.row_budget[:, None]).all()) and not bool(hole.any()))
-        rows = row_index(idx, self.k.shape[2])
-        self.k, self.v = take_rows(self.k, idx, rows), take_rows(self.v, idx, rows)
-        self.k, self.v = m.merge(step, history, idx, hole, self.k, self.v)  # merging methods fold the evicted in
-        self.slots = slots
+            rows = row_index(idx, self.k.shape[2])
+            self.k, self.v = take_rows(self.k, idx, rows), take_rows(self.v, idx, rows)
+            self.k, self.v = m.merge(step, history, idx, hole, self.k, self.v)  # merging methods fold the evicted in
+            self.slots = slots
         if history is not None:  # trailing dims (e.g. Scissorhands' per-key window of votes) follow their key
             self.history = take_rows(history, idx)
             if not self.tight:  # empty slots hold 0
