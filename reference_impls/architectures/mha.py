@@ -24,17 +24,17 @@ from reference_impls.architectures.common import ArchConfig, Mixer, MixerCache, 
 __all__ = ["Attention", "attention", "bytes_per_token", "cache_bytes", "make"]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: Optional[int] = None
-              ) -> Tensor:
-    """Causal softmax attention, the explicit way: softmax(q k^T / sqrt(D) + mask) v.
+def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: Optional[int] = None,
+              scale: Optional[float] = None) -> Tensor:
+    """Causal softmax attention, the explicit way: softmax(q k^T * scale + mask) v, scale 1/sqrt(D) by default.
 
-    q (B, H, q, D), k and v (B, H_kv, T, D) with H_kv dividing H (group G = H / H_kv reads one KV head),
-    q_pos (q,) and k_pos (T,) absolute positions -> (B, H, q, D). Key j is visible to query i when
+    q (B, H, q, D), k (B, H_kv, T, D), v (B, H_kv, T, D_v) with H_kv dividing H (group G = H / H_kv reads one
+    KV head), q_pos (q,) and k_pos (T,) absolute positions -> (B, H, q, D_v). Key j is visible to query i when
     k_pos[j] <= q_pos[i] and, with a window, q_pos[i] - k_pos[j] < window.
     """
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, q, T)
+    scores = q @ k.transpose(-1, -2) * (scale or 1 / math.sqrt(q.shape[-1]))  # (B, H, q, T)
     dist = q_pos[:, None] - k_pos[None, :]
     visible = dist >= 0 if window is None else (dist >= 0) & (dist < window)
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v
