@@ -6,6 +6,7 @@ calls, in this order, for every forward pass of the model:
 
     k_all, v_all, slots = store.append(k_new, v_new)     # before attention
     out = attention(q, k_all, v_all, mask)                # done by the integration module
+    out = store.mix(step, out)                            # before the output projection (default: unchanged)
     store.after_attention(step)                           # after attention: evict, merge, quantize ...
 
 Shapes: keys/values (B, H_kv, T, D); queries (B, H, q, D) with H = G * H_kv (GQA group size G).
@@ -20,9 +21,11 @@ padding. What a method needs from the model (its rotary embedding, its tokenizer
 the tokens seen, the number of layers, the projection weights, the other layers' stores, a calibration prefill)
 is a `Model` handed to `new_layer` once, when the stores are made.
 
-Three optional hooks cover the families that change what attention reads or what the cache is given:
+Optional hooks cover the families that change what attention reads, what it returns or what the cache is given:
 `LayerStore.select` (retrieval: read a subset of a held cache, bytes read reported by `read_nbytes`),
-`Model.stores` (cross-layer sharing and merging) and `KVMethod.compress_prompt` (prompt compression).
+`LayerStore.logit_bias` (a held key weighs as the tokens it stands for), `LayerStore.mix` (a term added to the
+attention output, e.g. SparQ's mean value), `Model.stores` (cross-layer sharing and merging) and
+`KVMethod.compress_prompt` (prompt compression).
 
 Keys arrive after RoPE, so a kept token keeps its original position; new tokens continue from the true
 sequence length (the integration module's cache reports tokens *seen*, not tokens kept).
@@ -223,6 +226,15 @@ class LayerStore:
         the number of tokens a held key stands for, so that a token merged from m tokens draws attention as m
         copies would (RazorAttention's compensation token, Eq. 5). Counted in `nbytes` by the store that holds it."""
         return None
+
+    def mix(self, step: Step, out: Tensor) -> Tensor:
+        """After attention, before the output projection: the attention output out (B, H, q, D) of each query
+        head, in the model's dtype -> what the layer passes on (same shape). Default: `out` unchanged. For a term
+        that softmax attention over held keys cannot express, e.g. SparQ's (1 - alpha) mean value (Algorithm 1).
+        `step` is this call's (its `mask` is what attention read); called before `after_attention(step)`.
+        A recorded prefill (`replay.py`) runs no attention, so a store whose `mix` changes a prompt's output
+        must belong to a method with `replayable = False`; decoding after a replay calls it as usual."""
+        return out
 
     def read_nbytes(self) -> Optional[int]:
         """Bytes the last attention call read from this store (selected keys/values plus whatever chose them,

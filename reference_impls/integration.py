@@ -14,7 +14,8 @@ How a method runs inside a Hugging Face model:
   `store.append`, the mask is built from the stores' slots (so layers and heads may keep different
   numbers of tokens, and left padding stays right after eviction), and after attention the store gets
   the queries (`store.after_attention(step)`): that is where eviction, merging or quantization happen,
-  after the attention that used the full states, as the papers do.
+  after the attention that used the full states, as the papers do. Between the two, `store.mix(step, out)`
+  may change the attention output before the output projection (identity unless a method overrides it).
 * Query-agnostic (kvpress) and query-aware (SnapKV paper) settings differ only in what is prefilled
   before the cache compresses: the context alone, or context and question.
 """
@@ -216,7 +217,8 @@ class KVCache(Cache):
         # over held keys without holes (decoding after uniform eviction); both without padding
         dense = selected is None and step.bias is None and self._slot_pos is None and (
             slots is None or (q_len == 1 and bool((slots >= 0).all())))
-        out = _sdpa(query, k, v, None if dense else _attention_mask(step), scaling)
+        out = _sdpa(query, k, v, None if dense else _attention_mask(step), scaling)  # (B, q, H, D)
+        out = layer.store.mix(step, out.transpose(1, 2)).transpose(1, 2)  # a view both ways when unchanged
         layer.store.after_attention(step)
         if layer_idx == self.num_layers - 1 and self.compress_next:
             self.compress_next = False

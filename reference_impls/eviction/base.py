@@ -206,19 +206,26 @@ class EvictingStore(DenseStore):
         scores = m.score(step, history, self.row_budget).float().masked_fill(~valid, float("-inf"))
         counts = torch.minimum(m.heads.head_counts(scores, self.row_budget, m.window), n_valid)
         idx, hole = keep_top(scores, counts)
+        self.keep(idx, hole)
+        self.k, self.v = m.merge(step, history, idx, hole, self.k, self.v)  # merging methods fold the evicted in
+        return idx, hole
+
+    def keep(self, idx: Tensor, hole: Tensor) -> None:
+        """Hold only the tokens idx (B, H_kv, W) of the held (unflattened) layout, True in hole at empty slots
+        (`keep_top`'s output): keys, values, slots and the statistic are gathered to them (slot -1 and statistic
+        0 at empty slots)."""
+        T = self.k.shape[2]
         rows = (torch.arange(idx.shape[0], device=idx.device)[:, None, None],
                 torch.arange(idx.shape[1], device=idx.device)[None, :, None], idx)
         # whole rows by advanced indexing: one contiguous copy per kept token (gather with an index expanded
         # over D reads it element by element, several times slower on CPU)
         self.k, self.v = self.k[rows], self.v[rows]
-        self.k, self.v = m.merge(step, history, idx, hole, self.k, self.v)  # merging methods fold the evicted in
         # a dense store holds every token since the first: its slots are 0 .. T - 1
-        slots = self.slots if self.slots is not None else torch.arange(valid.shape[2], device=idx.device).expand_as(valid)
+        slots = self.slots if self.slots is not None else torch.arange(T, device=idx.device).expand(*idx.shape[:2], T)
         self.slots = torch.where(hole, -1, torch.gather(slots.long(), 2, idx)).to(torch.int32)
-        if history is not None:  # trailing dims (e.g. Scissorhands' per-key window of votes) follow their key
-            tail = (1,) * (history.dim() - 3)
-            self.history = history[rows].masked_fill(hole.view(*hole.shape, *tail), 0)
-        return idx, hole
+        if self.history is not None:  # trailing dims (e.g. Scissorhands' per-key window of votes) follow their key
+            tail = (1,) * (self.history.dim() - 3)
+            self.history = self.history[rows].masked_fill(hole.view(*hole.shape, *tail), 0)
 
     def nbytes(self) -> int:
         return super().nbytes() + nbytes(self.slots, self.history, self.counts)
