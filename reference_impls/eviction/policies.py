@@ -202,14 +202,15 @@ class Cascade(Uniform):
 
 
 def kmeans_1d(x: Tensor, k: int) -> Tensor:
-    """(L,) labels of the optimal k-means clustering of the L numbers x: 0 = the cluster of the lowest centre.
+    """(L,) labels of the optimal k-means clustering of the L numbers x into min(k, distinct values) clusters: 0 = the
+    cluster of the lowest centre.
 
-    Optimal clusters of numbers are runs of the sorted values, so the best split into k = min(k, L) runs is found
+    Optimal clusters of numbers are runs of the sorted values, so the best split into k runs is found
     exactly by dynamic programming over the sorted values (O(k L^2)); Lloyd's iterations (sklearn's KMeans, as the
     SqueezeAttention code uses) reach it or a local optimum. Ties go to the lower cluster.
     """
     v, order = x.double().flatten().sort()
-    L, k = v.numel(), min(k, v.numel())
+    L, k = v.numel(), min(k, int(v.unique().numel()))  # no more clusters than distinct values
     c1 = torch.cat([v.new_zeros(1), v.cumsum(0)]).tolist()
     c2 = torch.cat([v.new_zeros(1), (v * v).cumsum(0)]).tolist()
 
