@@ -121,8 +121,8 @@ class Model:
     #: ids (1, T) -> one dense `Step` per layer of an uncompressed prefill of those ids, each with `hidden` (the
     #: layer's input and its attention block's output): a forward pass over tokens the cache never sees, against the
     #: model itself, for methods that score the prompt by what the model does on other text built from it (KVzip's
-    #: context reconstruction) or by what attention does to the hidden states (SqueezeAttention). Memoised per ids
-    #: (the last ids asked), so every layer's store shares one extra forward.
+    #: context reconstruction) or by what attention does to the hidden states (SqueezeAttention). Memoised per model
+    #: and ids (the last ids asked), so every layer's store, and every cache of that model, shares one extra forward.
     trace: Optional[Callable[[Tensor], list]] = None
 
 

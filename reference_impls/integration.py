@@ -22,6 +22,7 @@ How a method runs inside a Hugging Face model:
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -37,6 +38,7 @@ from reference_impls.base import KVMethod, LayerStore, Model, Step, repeat_kv
 __all__ = ["KVCache", "model_info", "prepare_model", "ATTN_NAME"]
 
 ATTN_NAME = "kvatlas"
+_TRACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its last trace {"ids", "steps"}
 _active = threading.local()  # the KVCache whose update() ran last: its layer's attention comes next;
 # also the input ids of the forward pass now running (set by a pre-hook on the input embedding)
 
@@ -275,13 +277,12 @@ def model_info(model, tokenizer=None) -> Model:
         lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1).cpu()
 
-    last: dict = {}  # the last trace: {"ids": (1, T) on CPU, "steps": [...]}
-
     def trace(ids: Tensor) -> list[Step]:
         """One dense Step per layer of an uncompressed prefill of `ids` (1, T), with each layer's `hidden`."""
         if not (isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[0] == 1 and not ids.is_floating_point()):
             raise ValueError(f"trace takes token ids of shape (1, T), got {getattr(ids, 'shape', ids)!r}")
         ids = ids.cpu()
+        last = _TRACES.setdefault(model, {})  # per model, so the caches of many methods or ratios share it
         if not (last and torch.equal(last["ids"], ids)):  # memoised: every layer's store asks for the same ids
             last.clear()
             last.update(ids=ids, steps=_trace_steps(model, layers, ids))

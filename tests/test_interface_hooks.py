@@ -174,7 +174,8 @@ def test_trace_is_an_uncompressed_prefill_of_other_tokens_with_each_layers_hidde
         if layer + 1 < len(steps):  # the last hidden state of transformers' tuple has the final norm applied
             assert torch.allclose(nxt, hs[layer + 1], atol=1e-5)
     assert steps[1].last(4).hidden[0].shape == (1, 4, 64)  # last(n) keeps the last n tokens' hidden states
-    assert info.trace(x.clone()) is steps  # memoised per ids: every layer's store shares one forward
+    assert info.trace(x.clone()) is steps  # memoised per ids: every layer's store shares one forward ...
+    assert model_info(model).trace(x) is steps  # ... and every cache of the model
     assert info.trace(ids(15, seed=1)) is not steps
     with pytest.raises(ValueError, match=r"trace takes token ids of shape \(1, T\)"):
         info.trace(torch.cat([x, x]))

@@ -50,6 +50,7 @@ FIRST = "\n\nRepeat the previous context exactly."
 LATER = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP = 8  # tokens of the previous chunk quoted in a later chunk's prompt (official `prev_postfix_size`)
 LIFT = 2.0  # scores are probabilities in [0, 1]: S - LIFT < 0 <= S tells the selected pairs apart
+_LAST: dict = {}  # the last chunk scored: its trace (memoised per model by Model.trace), key and scores
 
 
 def kvzip_scores(step: Step, m: int, start: int, end: int, n_sink: int = 0) -> Tensor:
@@ -143,8 +144,11 @@ class KVzip(EvictionMethod):
             S = None
             for start, end, rep in repeat_inputs(ctx, model.tokenizer, self.chunk_size):
                 steps = model.trace(torch.cat([ctx.cpu(), rep], dim=1))
-                part = torch.stack([kvzip_scores(s, rep.shape[1], start, end, self.n_sink)[0].cpu() for s in steps])
-                S = part if S is None else torch.cat([S, part], dim=-1)  # (L, H_kv, n_b)
+                key = (rep.shape[1], start, end, self.n_sink)
+                if _LAST.get("steps") is not steps or _LAST.get("key") != key:  # ratios of one prompt share S
+                    _LAST.update(steps=steps, key=key, S=torch.stack(
+                        [kvzip_scores(s, rep.shape[1], start, end, self.n_sink)[0].cpu() for s in steps]))
+                S = _LAST["S"].clone() if S is None else torch.cat([S, _LAST["S"]], dim=-1)  # (L, H_kv, n_b)
             S[..., : self.n_sink] = 1.0  # sinks: the highest possible score, counted in the budget (kvpress)
             b_u = self.budget if self.budget is not None else max(round(int(n[b]) / self.ratio), 1)
             k = min(S.shape[0] * S.shape[1] * b_u, S.numel())  # what uniform eviction keeps over the model
