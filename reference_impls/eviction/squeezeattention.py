@@ -2,11 +2,12 @@
 let any token-eviction scorer work inside each layer's own budget.
 
 Paper: Zihao Wang, Bin Cui, Shaoduo Gan, "SqueezeAttention: 2D Management of KV-Cache in LLM Inference via Layer-wise
-Optimal Budget", arXiv 2404.04793 (ICLR 2025), Section 4: a layer's importance is the cosine similarity between the
+Optimal Budget", arXiv 2404.04793 (ICLR 2025), as its abstract and official code describe it (the full text's section
+and algorithm numbers were not available to check here): a layer's importance is the cosine similarity between the
 hidden states before its self-attention block and after it (residual added), averaged over the prompt's tokens; the
-layers are clustered by k-means (3 groups); the group of highest similarity keeps p times the initial budget, the
-others share what it frees, so the total is unchanged; H2O, StreamingLLM or a sliding window then evicts inside each
-layer under its budget.
+layers are clustered by k-means (3 clusters in the code); the cluster of highest similarity keeps p times the initial
+budget, the other two share what it frees (the abstract's "two groups" of budgets), so the total is unchanged; H2O,
+StreamingLLM or a sliding window then evicts inside each layer under its budget.
 Official code: https://github.com/hetailang/SqueezeAttention (`utils_hh/modify_llama_drop.py`: `hidd_data` =
 cosine_similarity(layer input, input + attention output) per token, mean per layer; `KMeans(n_clusters=3)` on the
 means; class 3 (highest centre) keeps `KV_class3` of the prompt, the others (L `ini_size` - |class 3| `KV_class3`) /
