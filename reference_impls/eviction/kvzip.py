@@ -144,9 +144,9 @@ class KVzip(EvictionMethod):
             S = None
             for start, end, rep in repeat_inputs(ctx, model.tokenizer, self.chunk_size):
                 steps = model.trace(torch.cat([ctx.cpu(), rep], dim=1))
-                key = (rep.shape[1], start, end, self.n_sink)
-                if _LAST.get("steps") is not steps or _LAST.get("key") != key:  # ratios of one prompt share S
-                    _LAST.update(steps=steps, key=key, S=torch.stack(
+                chunk = (rep.shape[1], start, end, self.n_sink)
+                if _LAST.get("steps") is not steps or _LAST.get("chunk") != chunk:  # ratios of one prompt share S
+                    _LAST.update(steps=steps, chunk=chunk, S=torch.stack(
                         [kvzip_scores(s, rep.shape[1], start, end, self.n_sink)[0].cpu() for s in steps]))
                 S = _LAST["S"].clone() if S is None else torch.cat([S, _LAST["S"]], dim=-1)  # (L, H_kv, n_b)
             S[..., : self.n_sink] = 1.0  # sinks: the highest possible score, counted in the budget (kvpress)
