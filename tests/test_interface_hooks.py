@@ -1,7 +1,7 @@
 """The interface's hooks for the families beyond eviction and quantization: a store that reads a subset
 (`LayerStore.select`, retrieval), a logit bias, a term on the attention output (`LayerStore.mix`), the other
 layers' stores (`Model.stores`, cross-layer), the projection weights, calibration prefills, token
-log-probabilities and prompt compression (`KVMethod.compress_prompt`)."""
+log-probabilities, traces (`Model.trace`) and prompt compression (`KVMethod.compress_prompt`)."""
 
 from dataclasses import dataclass
 
@@ -156,6 +156,33 @@ def test_logprobs_are_the_models_next_token_log_probabilities():
     assert lp.shape == (1, 12) and lp[0, 0] == 0
     for t in range(1, 12):
         assert torch.isclose(lp[0, t], ref[t - 1, x[0, t]], atol=1e-5)
+
+
+@torch.no_grad()
+def test_trace_is_an_uncompressed_prefill_of_other_tokens_with_each_layers_hidden_states():
+    """Reference: a plain transformers forward with output_hidden_states; each layer's attention output is what turns
+    its input into the next layer's input through the layer's own MLP block: x' = h + mlp(norm(h)), h = x + a."""
+    model, x = tiny_llama(), ids(15)
+    info = model_info(model)
+    steps = info.trace(x)
+    rec = record_prefill(model, x)
+    assert len(steps) == 2 and all(torch.equal(s.keys, k) and torch.equal(s.queries, q)
+                                   for s, q, k in zip(steps, rec.queries, rec.keys))
+    hs = model(x, output_hidden_states=True).hidden_states
+    for layer, s in enumerate(steps):
+        inp, attn = s.hidden
+        assert inp.shape == attn.shape == (1, 15, 64) and torch.allclose(inp, hs[layer], atol=1e-6)
+        block = model.model.layers[layer]
+        h = inp + attn
+        nxt = h + block.mlp(block.post_attention_layernorm(h))
+        if layer + 1 < len(steps):  # the last hidden state of transformers' tuple has the final norm applied
+            assert torch.allclose(nxt, hs[layer + 1], atol=1e-5)
+    assert steps[1].last(4).hidden[0].shape == (1, 4, 64)  # last(n) keeps the last n tokens' hidden states
+    assert info.trace(x.clone()) is steps  # memoised per ids: every layer's store shares one forward ...
+    assert model_info(model).trace(x) is steps  # ... and every cache of the model
+    assert info.trace(ids(15, seed=1)) is not steps
+    with pytest.raises(ValueError, match=r"trace takes token ids of shape \(1, T\)"):
+        info.trace(torch.cat([x, x]))
 
 
 @dataclass
