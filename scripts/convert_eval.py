@@ -46,6 +46,11 @@ CONFIGS = {
        for r in (96, 48, 24)},
     **{f"transmla-r{r}": ("transmla", {"strategy": "2-norm", "n_pairs": N_PAIRS, "rank": r, "basis": "pca",
                                        "balance": True}) for r in (96, 48, 24)},
+    # RoPE on the 16 fastest pairs (half the dims): the partial RoPE that loses least here; rank 32 gives the bytes
+    # of GQA 3 -> 1 (128 of 384 numbers per token and layer), rank 96 half the full cache
+    "partial-rope-high16": ("partial-rope", {"strategy": "high", "n_pairs": 16}),
+    **{f"transmla-high16-r{r}": ("transmla", {"strategy": "high", "n_pairs": 16, "rank": r, "basis": "pca",
+                                              "balance": True}) for r in (96, 32)},
 }
 NO_PASSKEY = ("partial-rope-low", "partial-rope-high")  # strategy ablations: perplexity only, to keep the run short
 
