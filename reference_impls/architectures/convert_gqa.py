@@ -63,6 +63,8 @@ def pool_kv_heads(model, n_kv_heads: int):
         raise ValueError(f"pool_kv_heads: n_kv_heads must divide the model's {H_kv} KV heads (one of {divisors}), "
                          f"got {n_kv_heads!r}")
     out = copy.deepcopy(model)
+    if getattr(out.config, "_name_or_path", ""):  # its own name: calibration prefills are cached on disk by name
+        out.config._name_or_path += f"+gqa-{n_kv_heads}"
     decoder = out.get_decoder() if hasattr(out, "get_decoder") else out.model
     for layer in decoder.layers:
         attn = layer.self_attn

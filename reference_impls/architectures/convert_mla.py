@@ -27,10 +27,11 @@ ratio of the no-RoPE keys' norm to the values' (of the weights for "svd", of the
 Deviations: (1) No fine-tuning: the converted model is measured as is (MHA2MLA fine-tunes on 0.6-1% of the
 pre-training data, TransMLA on billions of tokens, to recover what the conversion loses). (2) S_2-norm is pooled
 over the KV heads of a layer (one set of pairs per layer; the paper ranks pairs per head): transformers' Llama
-applies one cos/sin to every head of a layer. (3) TransMLA's RoRoPE/FreqFold (concentrating RoPE into one head) is
-not done: partial RoPE is MHA2MLA's; its PCA calibrates on 1024 tokens of standard-library docstrings, not
-WikiText-2. (4) Queries are not factorised and W_UK is not absorbed into W_q (the same attention, more compute).
-(5) A projection bias (Qwen) would be projected with the key; only bias-free Llama layers are tested.
+applies one cos/sin to every head of a layer. (3) Of TransMLA only the PCA latent and BKV: its RoRoPE/FreqFold
+(concentrating RoPE into one head) is not done, partial RoPE is MHA2MLA's; the PCA calibrates on 1024 tokens of
+standard-library docstrings, not WikiText-2. (4) Queries are not factorised and W_UK is not absorbed into W_q (the
+same attention, more compute). (5) A projection bias (Qwen) would be projected with the key; only bias-free Llama
+layers are tested.
 Bytes: the latent and the RoPE key dims, L (r + 2 n H_kv) per token in the cache's dtype (`bytes_per_token`); the
 bases are the converted model's weights (W_UK, W_UV), not cache, and are not counted.
 """
@@ -120,7 +121,7 @@ def partial_rope(model, pairs: Tensor):
     decoder = out.get_decoder() if hasattr(out, "get_decoder") else out.model
     for i, layer in enumerate(decoder.layers):
         keep = torch.zeros(D, dtype=torch.bool)
-        keep[rope_dims(pairs[i], D)] = True
+        keep[rope_dims(pairs[i].cpu(), D)] = True
         layer.self_attn.register_forward_pre_hook(functools.partial(_drop_rope, keep), with_kwargs=True)
     return out
 
