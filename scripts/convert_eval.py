@@ -2,7 +2,7 @@
 KV heads by mean-pooling, partial RoPE alone, and MHA -> MLA (MHA2MLA's SVD_joint of the weights; TransMLA-style PCA of
 calibration states) at three latent ranks. One JSON line per configuration, with the command that made it:
 
-    OMP_NUM_THREADS=1 python scripts/convert_eval.py        # all 14 configurations: 26 min on 1 thread of a busy 2-core box
+    OMP_NUM_THREADS=1 python scripts/convert_eval.py     # all 14 configurations: 26 min, 1 thread of a busy 2-core box
     OMP_NUM_THREADS=1 python scripts/convert_eval.py --configs original,gqa-1 --output /tmp/c.jsonl
 
 Per configuration: perplexity of 2048 tokens of standard-library docstrings (`reference_impls.data`'s prose, tokens
