@@ -400,7 +400,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=None, help="training length L (default: the trainer's)")
     p.add_argument("--seed", type=int, default=None, help="seed of the weights and the data (default 0)")
     p.add_argument("--eval-n", type=int, default=None, help="sequences per task and length (default: the trainer's)")
-    p.add_argument("--output", default="results/architectures/bench.jsonl")
+    p.add_argument("--output", default="results/architectures/bench.jsonl", help="JSON lines, one per architecture; "
+                   "lines of architectures not rerun are kept (default: results/architectures/bench.jsonl)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=cmd_arch_bench)
 

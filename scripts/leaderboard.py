@@ -530,7 +530,7 @@ def arch_table(rows: list[dict], links: dict[str, str], names: dict[str, str], p
     tasks = list(dict.fromkeys(t for r in rows for t in r["accuracy"]))
     at = " / ".join(map(str, lengths))
     out = ["| Architecture | Params | Cache bytes per token (16-bit) at " + at + " | "
-           + " | ".join(f"{t.capitalize()} accuracy at {at}" for t in tasks) + " | Train s | Threads |",
+           + " | ".join(f"{t.capitalize()} accuracy at {at}" for t in tasks) + " | Train s (wall / CPU) | Threads |",
            "|---|---|---|" + "---|" * len(tasks) + "---|---|"]
     for r in rows:
         eid = links.get(r["arch"])
@@ -539,7 +539,8 @@ def arch_table(rows: list[dict], links: dict[str, str], names: dict[str, str], p
                  else _per_length(r["bytes_per_token"], lengths, ".0f"))
         out.append(f"| {name} | {r['params']:,} | {cache} | "
                    + " | ".join(_per_length(r["accuracy"].get(t, {}), lengths, ".2f") for t in tasks)
-                   + f" | {r['train_s']:.0f}{' (cached)' if r.get('cached') else ''} | {r['threads']} |")
+                   + f" | {r['train_s']:.0f} / {fmt(r.get('train_cpu_s'), '.0f') or '?'}"
+                   + f"{' (cached)' if r.get('cached') else ''} | {r['threads']} |")
     return out
 
 

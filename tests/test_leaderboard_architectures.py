@@ -23,7 +23,7 @@ def arch_row(arch="mha", constant=False, **kw):
             "accuracy": {"recall": {"64": 1.0, "128": 0.95, "256": 0.5, "512": 0.1},
                          "copy": {"64": 0.25, "128": 0.0, "256": 0.0, "512": 0.0},
                          "passkey": {"64": 1.0, "128": 1.0, "256": 0.75}},  # one length missing: shown as a dash
-            "train_s": 171.4, "threads": 1, "train": {"steps": 300, "seed": 0},
+            "train_s": 171.4, "train_cpu_s": 150.2, "threads": 1, "train": {"steps": 300, "seed": 0},
             "command": "kvatlas arch-bench --threads 1", "commit": "abc1234", **kw}
 
 
@@ -32,11 +32,11 @@ def test_the_table_has_bytes_and_accuracy_at_every_length():
     table = lb.arch_table(rows, {"mamba": "mamba", "mha": "not-an-entry"}, {"mamba": "Mamba"})
     assert table[0] == ("| Architecture | Params | Cache bytes per token (16-bit) at 64 / 128 / 256 / 512 | Recall "
                         "accuracy at 64 / 128 / 256 / 512 | Copy accuracy at 64 / 128 / 256 / 512 | Passkey accuracy "
-                        "at 64 / 128 / 256 / 512 | Train s | Threads |")
+                        "at 64 / 128 / 256 / 512 | Train s (wall / CPU) | Threads |")
     assert table[2] == ("| mha | 168,512 | 1024 / 1024 / 1024 / 1024 | 1.00 / 0.95 / 0.50 / 0.10 | "
-                        "0.25 / 0.00 / 0.00 / 0.00 | 1.00 / 1.00 / 0.75 / – | 171 | 1 |")
+                        "0.25 / 0.00 / 0.00 / 0.00 | 1.00 / 1.00 / 0.75 / – | 171 / 150 | 1 |")
     assert table[3].startswith("| [mamba](taxonomy/mamba.md) | 168,512 | constant state, 4,096 B |")
-    assert table[3].endswith("| 171 (cached) | 1 |")
+    assert table[3].endswith("| 171 / 150 (cached) | 1 |")
 
 
 def test_the_section_is_on_the_leaderboard_with_its_command():

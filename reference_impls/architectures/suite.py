@@ -101,7 +101,7 @@ class AssociativeRecall(_Task):
     [k1 v1 ... kP vP] [filler ...] [q1 a1 ... qQ aQ]; keys distinct within a row, values drawn with replacement.
     """
 
-    pairs: int = 8
+    pairs: int = 4
     queries: int = 4
     name = "recall"
     per_position = True
@@ -132,7 +132,7 @@ class AssociativeRecall(_Task):
 class SelectiveCopy(_Task):
     """`tokens` data tokens at random positions among NOISE, then COPY, then the same tokens in order."""
 
-    tokens: int = 8
+    tokens: int = 4
     name = "copy"
     per_position = False
 
@@ -158,7 +158,7 @@ class SelectiveCopy(_Task):
 class Passkey(_Task):
     """Filler with [KEY d1 .. dD] at a uniform random depth; the row ends with [ASK d1 .. dD]."""
 
-    digits: int = 5
+    digits: int = 3
     name = "passkey"
     per_position = False
 

@@ -38,7 +38,7 @@ def read_passkey(ids):
     return {ask + i: ids[key + 1 + i] for i in range(n)}
 
 
-READERS = {"recall": lambda ids: read_recall(ids, 8), "copy": read_copy, "passkey": read_passkey}
+READERS = {"recall": lambda ids: read_recall(ids, suite.TASKS["recall"].pairs), "copy": read_copy, "passkey": read_passkey}
 
 
 @pytest.mark.parametrize("name", ["recall", "copy", "passkey"])
@@ -120,8 +120,8 @@ def test_bad_sizes_name_the_parameter():
         AssociativeRecall(pairs=17)
     with pytest.raises(ValueError, match=r"queries=5 must be in \[1, pairs=4\]"):
         AssociativeRecall(pairs=4, queries=5)
-    with pytest.raises(ValueError, match="length=20: the recall task needs at least 24"):
-        AssociativeRecall().batch(2, 20, gen)
+    with pytest.raises(ValueError, match="length=23: the recall task needs at least 24"):
+        AssociativeRecall(pairs=8, queries=4).batch(2, 23, gen)
     with pytest.raises(ValueError, match="digits=0"):
         Passkey(digits=0)
     with pytest.raises(ValueError, match="tokens=0"):
