@@ -71,7 +71,7 @@ class RecurrentBlock(Mixer):
         else:
             h = linear_scan(log_a.exp(), b, h0)  # (B, T, d_rnn)
         if cache is not None:
-            cache.held.update(h=h[:, -1], conv=conv_state)
+            cache.held.update(h=h[:, -1].clone(), conv=conv_state.clone())  # clone: free the (B, T, ...) rest
             cache.seen += T
         return self.out(F.gelu(self.gate_branch(x)) * h)
 

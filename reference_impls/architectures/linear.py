@@ -13,7 +13,7 @@ Official code: https://github.com/microsoft/torchscale (RetNet),
 https://github.com/fla-org/flash-linear-attention (GLA).
 
 `decay_scan` is the parallel form: the chunkwise form (Eq. 7, GLA's chunk form), which builds each chunk's pairwise
-decays exp(b_t - b_s), s ≤ t, explicitly, so every exponent is ≤ 0 and nothing overflows, and carries the state from
+decays from s to t (s ≤ t) explicitly, so every exponent is ≤ 0 and nothing overflows, and carries the state from
 chunk to chunk. With a per-head decay (last axis 1) a chunk is exactly Eq. (5), so a sequence no longer than `chunk`
 (64 by default) runs the fully parallel form. `decay_step` is Eq. (6), used to decode.
 
@@ -44,20 +44,22 @@ def decay_scan(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, state: Tensor | N
     B, H, T, K = q.shape
     state = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state
     out = []
-    for s in range(0, T, chunk):
-        qc, kc, vc = q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk]
-        b = log_a[:, :, s:s + chunk].cumsum(2)  # (.., C, K|1): log of the decay from the chunk's start to t
+    for c0 in range(0, T, chunk):
+        qc, kc, vc, la = (x[:, :, c0:c0 + chunk] for x in (q, k, v, log_a))  # la (.., C, K|1)
         C = qc.shape[2]
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        diff = (b[:, :, :, None] - b[:, :, None]).masked_fill(~causal[:, :, None], float("-inf"))  # b_t - b_s, s ≤ t
-        decay = diff.exp()  # (.., C, C, K|1): the decay from token s to token t, 0 above the diagonal
-        if b.shape[-1] == 1:  # one decay per head: (Q K^T ⊙ D), Eq. (5)
+        later = causal.tril(-1)  # later[j, s]: token j comes after token s
+        # seg[t, s] = sum of la over (s, t], summed term by term: a difference of running sums cancels badly
+        # once they are large (GLA's gates can be), costing ~1e-5 relative error in fp32
+        seg = la[:, :, :, None].expand(*la.shape[:3], C, la.shape[-1]).masked_fill(~later[:, :, None], 0).cumsum(2)
+        decay = seg.masked_fill(~causal[:, :, None], float("-inf")).exp()  # (.., C, C, K|1): from s to t, 0 if s > t
+        if la.shape[-1] == 1:  # one decay per head: (Q K^T ⊙ D), Eq. (5)
             scores = (qc @ kc.transpose(-1, -2)) * decay[..., 0]
         else:  # one decay per key channel (GLA): the decay sits inside the dot product
             scores = (qc[:, :, :, None] * kc[:, :, None] * decay).sum(-1)
+        b = la.cumsum(2)  # (.., C, K|1): decay from the chunk's start through t
         out.append(scores @ vc + (qc * b.exp()) @ state)  # within the chunk + what the state carries in
-        last = b[:, :, -1:]  # (.., 1, K|1)
-        state = last.transpose(-1, -2).exp() * state + (kc * (last - b).exp()).transpose(-1, -2) @ vc
+        state = b[:, :, -1:].transpose(-1, -2).exp() * state + (kc * seg[:, :, -1].exp()).transpose(-1, -2) @ vc
     return torch.cat(out, 2), state
 
 

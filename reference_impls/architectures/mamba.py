@@ -108,7 +108,7 @@ class Mamba(Mixer):
         else:
             h = linear_scan(a, b, h0)  # (B, T, d_in, N)
         if cache is not None:
-            cache.held.update(ssm=h[:, -1], conv=conv_state)
+            cache.held.update(ssm=h[:, -1].clone(), conv=conv_state.clone())  # clone: free the (B, T, ...) rest
             cache.seen += T
         y = (h @ Cs[..., None])[..., 0] + self.D * u  # Eq. (2b) y_t = C_t h_t, plus the skip D (B, T, d_in)
         return self.out_proj(y * F.silu(z))

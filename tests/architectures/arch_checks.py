@@ -41,7 +41,8 @@ def loop_attention(q, k, v, q_pos, k_pos, window=None, scale=None):
     scale = scale or 1 / math.sqrt(q.shape[-1])
     out = torch.zeros(q.shape[0], v.shape[-1], dtype=q.dtype)
     for i in range(q.shape[0]):
-        seen = [j for j in range(k.shape[0]) if k_pos[j] <= q_pos[i] and (window is None or q_pos[i] - k_pos[j] < window)]
+        seen = [j for j in range(k.shape[0])
+                if k_pos[j] <= q_pos[i] and (window is None or q_pos[i] - k_pos[j] < window)]
         s = torch.stack([(q[i] * k[j]).sum() * scale for j in seen])
         p = torch.exp(s - s.max())
         out[i] = sum(p[n] / p.sum() * v[j] for n, j in enumerate(seen))

@@ -47,7 +47,8 @@ def test_a_reusing_layer_attends_to_the_producers_keys_and_values():
     for h in range(4):
         g = h // 2
         kh = loop_rope(k[:, g * D:(g + 1) * D], pos, CFG.rope_base)
-        heads.append(loop_attention(loop_rope(q[:, h * D:(h + 1) * D], pos, CFG.rope_base), kh, v[:, g * D:(g + 1) * D], pos, pos))
+        qh = loop_rope(q[:, h * D:(h + 1) * D], pos, CFG.rope_base)
+        heads.append(loop_attention(qh, kh, v[:, g * D:(g + 1) * D], pos, pos))
     torch.testing.assert_close(reader(x2, shared=kv)[0].detach(), torch.cat(heads, -1) @ reader.wo.weight.T,
                                atol=1e-5, rtol=0)
     assert not any("wk" in n or "wv" in n for n, _ in reader.named_parameters())

@@ -29,7 +29,8 @@ def test_chunked_prefill_then_decode_equals_forward():
 @pytest.mark.parametrize("window", [None, 3])
 def test_attention_equals_a_loop_per_head(window):
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g)
+    q = torch.randn(1, 4, 3, 8, generator=g)
+    k, v = torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g)
     q_pos, k_pos = torch.arange(4, 7), torch.arange(7)
     ours = attention(q, k, v, q_pos, k_pos, window)
     for h in range(4):  # query head h reads KV head h // 2
@@ -45,7 +46,8 @@ def test_mixer_equals_the_equations_written_out():
     heads = []
     for h in range(CFG.n_heads):
         g = h // (CFG.n_heads // CFG.n_kv_heads)
-        qh, kh = loop_rope(q[:, h * D:(h + 1) * D], pos, CFG.rope_base), loop_rope(k[:, g * D:(g + 1) * D], pos, CFG.rope_base)
+        qh = loop_rope(q[:, h * D:(h + 1) * D], pos, CFG.rope_base)
+        kh = loop_rope(k[:, g * D:(g + 1) * D], pos, CFG.rope_base)
         heads.append(loop_attention(qh, kh, v[:, g * D:(g + 1) * D], pos, pos))
     ref = torch.cat(heads, dim=-1) @ mixer.wo.weight.T
     torch.testing.assert_close(mixer(x)[0].detach(), ref, atol=1e-5, rtol=0)

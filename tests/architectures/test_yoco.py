@@ -18,7 +18,8 @@ def lm_of(cfg=CFG):
 
 def test_layout_self_decoder_then_one_producer_then_readers():
     kinds = [(type(m).__name__, getattr(m, "window", None), m.exports) for m in lm_of().mixers]
-    assert kinds == [("Attention", 4, False)] * 3 + [("Attention", None, True)] + [("SharedKVAttention", None, False)] * 2
+    assert kinds == ([("Attention", 4, False)] * 3 + [("Attention", None, True)]
+                     + [("SharedKVAttention", None, False)] * 2)
 
 
 @pytest.mark.parametrize("n_layers", [2, 3, 6])
