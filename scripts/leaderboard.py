@@ -291,7 +291,7 @@ def passkey_section(rows: list[dict], names: dict[str, str]) -> list[str]:
 
 def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "results/bench",
                      quick: list[dict] = (), passkey: list[dict] = (), arch: list[dict] = (),
-                     arch_links: dict[str, str] | None = None) -> str:
+                     arch_links: dict[str, list[str]] | None = None) -> str:
     """leaderboard.md: setup, overall table, per task a table and a Pareto figure, the heatmaps, and the tiny
     architectures trained on the synthetic suite (`arch`, rows of `kvatlas arch-bench`)."""
     archs = architectures_section(list(arch), arch_links or {}, names) if arch else []
@@ -513,17 +513,23 @@ def load_arch_rows(path: Path) -> list[dict]:
     return rows
 
 
-def arch_entries(entries) -> dict[str, str]:
-    """Architecture name (its module's file name under reference_impls.architectures) -> the entry that links it
-    in its `architecture` field."""
-    return {e.architecture.split(".")[2]: e.id for e in entries if getattr(e, "architecture", None)}
+def arch_entries(entries) -> dict[str, list[str]]:
+    """Architecture name (its module's file name under reference_impls.architectures) -> the entries that link it
+    in their `architecture` field (several may: RetNet and GLA share `linear`), the one named like it first."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for e in sorted(entries, key=lambda e: e.id):
+        if getattr(e, "architecture", None):
+            module = e.architecture.split(".")[2]
+            out[module].insert(0, e.id) if e.id == module else out[module].append(e.id)
+    return dict(out)
 
 
 def _per_length(values: dict, lengths: list[int], spec: str) -> str:
     return " / ".join(fmt(values.get(str(n)), spec) or "–" for n in lengths)
 
 
-def arch_table(rows: list[dict], links: dict[str, str], names: dict[str, str], prefix: str = "taxonomy/") -> list[str]:
+def arch_table(rows: list[dict], links: dict[str, list[str]], names: dict[str, str], prefix: str = "taxonomy/"
+               ) -> list[str]:
     """One row per architecture: parameters, cache bytes per token at each length (a constant state: its bytes),
     exact-match accuracy of each task at each length, training time."""
     lengths = rows[0]["lengths"]
@@ -533,8 +539,8 @@ def arch_table(rows: list[dict], links: dict[str, str], names: dict[str, str], p
            + " | ".join(f"{t.capitalize()} accuracy at {at}" for t in tasks) + " | Train s (wall / CPU) | Threads |",
            "|---|---|---|" + "---|" * len(tasks) + "---|---|"]
     for r in rows:
-        eid = links.get(r["arch"])
-        name = f"[{r['arch']}]({prefix}{eid}.md)" if eid and eid in names else r["arch"]
+        entries = [f"[{names[e]}]({prefix}{e}.md)" for e in links.get(r["arch"], []) if e in names]
+        name = f"`{r['arch']}`" + (f" ({', '.join(entries)})" if entries else "")
         cache = (f"constant state, {r['state_bytes']:,} B" if r["constant_state"] and r.get("state_bytes") is not None
                  else _per_length(r["bytes_per_token"], lengths, ".0f"))
         out.append(f"| {name} | {r['params']:,} | {cache} | "
@@ -544,7 +550,7 @@ def arch_table(rows: list[dict], links: dict[str, str], names: dict[str, str], p
     return out
 
 
-def architectures_section(rows: list[dict], links: dict[str, str], names: dict[str, str]) -> list[str]:
+def architectures_section(rows: list[dict], links: dict[str, list[str]], names: dict[str, str]) -> list[str]:
     """The leaderboard's "Architectures" section: tiny models trained from scratch on the synthetic suite."""
     out = ["## Architectures", ""]
     L = sorted({r["train_length"] for r in rows})
@@ -585,8 +591,9 @@ def arch_entry_section(path: str, notebook: str, rows: list[dict]) -> list[str]:
         out += ["```python", f"from {module} import {obj}", "```", ""]
     mine = [r for r in rows if r["arch"] == module.split(".")[2]]
     if mine:
-        out += ["### Trained on the synthetic suite", "", f"`kvatlas arch-bench` at the shared parameter budget, "
-                f"trained at length {mine[0]['train_length']}; every architecture is in the "
+        out += ["### Trained on the synthetic suite", "", f"`kvatlas arch-bench` trains the module as "
+                f"`build(\"{mine[0]['arch']}\", cfg)` builds it (its default configuration) at the shared parameter "
+                f"budget, at lengths up to {mine[0]['train_length']}; every architecture is in the "
                 "[leaderboard](../leaderboard.md#architectures)'s table.", ""]
         out += arch_table(mine, {}, {}) + ["", provenance(mine), ""]
     return out

@@ -29,13 +29,13 @@ def arch_row(arch="mha", constant=False, **kw):
 
 def test_the_table_has_bytes_and_accuracy_at_every_length():
     rows = [arch_row(), arch_row("mamba", constant=True, cached=True)]
-    table = lb.arch_table(rows, {"mamba": "mamba", "mha": "not-an-entry"}, {"mamba": "Mamba"})
+    table = lb.arch_table(rows, {"mamba": ["mamba"], "mha": ["not-an-entry"]}, {"mamba": "Mamba"})
     assert table[0] == ("| Architecture | Params | Cache bytes per token (16-bit) at 64 / 128 / 256 / 512 | Recall "
                         "accuracy at 64 / 128 / 256 / 512 | Copy accuracy at 64 / 128 / 256 / 512 | Passkey accuracy "
                         "at 64 / 128 / 256 / 512 | Train s (wall / CPU) | Threads |")
-    assert table[2] == ("| mha | 168,512 | 1024 / 1024 / 1024 / 1024 | 1.00 / 0.95 / 0.50 / 0.10 | "
+    assert table[2] == ("| `mha` | 168,512 | 1024 / 1024 / 1024 / 1024 | 1.00 / 0.95 / 0.50 / 0.10 | "
                         "0.25 / 0.00 / 0.00 / 0.00 | 1.00 / 1.00 / 0.75 / – | 171 / 150 | 1 |")
-    assert table[3].startswith("| [mamba](taxonomy/mamba.md) | 168,512 | constant state, 4,096 B |")
+    assert table[3].startswith("| `mamba` ([Mamba](taxonomy/mamba.md)) | 168,512 | constant state, 4,096 B |")
     assert table[3].endswith("| 171 / 150 (cached) | 1 |")
 
 
@@ -61,9 +61,14 @@ def test_rows_name_file_and_line(tmp_path):
 
 
 def test_entries_link_their_architecture_module():
-    entries = [SimpleNamespace(id="mamba", architecture="reference_impls.architectures.mamba.MambaMixer"),
+    entries = [SimpleNamespace(id="retnet", architecture="reference_impls.architectures.linear.Retention"),
+               SimpleNamespace(id="mamba", architecture="reference_impls.architectures.mamba.Mamba"),
+               SimpleNamespace(id="gla", architecture="reference_impls.architectures.linear.Retention"),
+               SimpleNamespace(id="linear", architecture="reference_impls.architectures.linear"),
                SimpleNamespace(id="h2o", architecture=None)]
-    assert lb.arch_entries(entries) == {"mamba": "mamba"}
+    assert lb.arch_entries(entries) == {"mamba": ["mamba"], "linear": ["linear", "gla", "retnet"]}
+    line = lb.arch_table([arch_row("linear")], lb.arch_entries(entries), {"gla": "GLA", "retnet": "RetNet"})[2]
+    assert line.startswith("| `linear` ([GLA](taxonomy/gla.md), [RetNet](taxonomy/retnet.md)) |")
 
 
 def test_entry_section_shows_the_module_notebook_and_its_row():
@@ -74,7 +79,7 @@ def test_entry_section_shows_the_module_notebook_and_its_row():
     assert ("[API and source](../api/reference_impls.architectures.suite.md), "
             "[notebook](../notebooks/arch_compare.ipynb)") in text
     assert "from reference_impls.architectures.suite import Passkey" in text
-    assert text.count("| suite | 168,512 |") == 1 and "| mha |" not in text  # only its own row
+    assert text.count("| `suite` | 168,512 |") == 1 and "| `mha` |" not in text  # only its own row
     module = "\n".join(lb.arch_entry_section("reference_impls.architectures.trainer", "notebooks/x.py", []))
     assert "import" not in module and "Trained on the synthetic suite" not in module  # a module path; no row yet
 
