@@ -561,13 +561,15 @@ def architectures_section(rows: list[dict], links: dict[str, list[str]], names: 
             "synthetic suite (associative recall in the style of Zoology's MQAR, selective copying as in Mamba, a "
             f"passkey in filler): the same parameter budget ({', '.join(f'{b:,}' for b in budget if b)} parameters, "
             f"matched within 10% by the MLP width), steps ({', '.join(map(str, steps))}), optimiser and seed "
-            f"({', '.join(map(str, seeds))}), trained at length {', '.join(map(str, L))} and evaluated at "
+            f"({', '.join(map(str, seeds))}), trained on lengths up to L = {', '.join(map(str, L))} and evaluated at "
             f"{', '.join(map(str, rows[0]['lengths']))} tokens (the last two beyond the training length). "
             "Accuracy is exact match of the answer (teacher-forced, the same as greedy decoding for an exact "
             "match). Cache bytes are measured from the tensors each layer's cache holds after a prefill of that "
-            "length, in a bf16 copy of the model (the atlas's 16-bit unit); a cache that does not grow with the "
-            "sequence shows its state's size. These models are tiny and trained for minutes: the table compares "
-            "architectures under one small budget, not the papers' models.", ""]
+            "length, in a bf16 copy of the model (the atlas's 16-bit unit); a cache that no longer grows with the "
+            "sequence (a recurrent state, or a local window already full) shows its size. These models are tiny "
+            "and trained for minutes with one seed: the table compares architectures under one small budget, not "
+            "the papers' models. `notebooks/arch_compare.py` plots bytes per token against recall at each length "
+            "and sets the papers' and the benchmark seed's findings beside these.", ""]
     out += arch_table(rows, links, names) + ["", provenance(rows), ""]
     return out
 
