@@ -10,7 +10,8 @@ block; the recurrent block = GeLU(Linear x) ⊙ RG-LRU(Conv1D(Linear x)), then L
 RG-LRU: r_t = σ(W_a x_t + b_a), i_t = σ(W_x x_t + b_x), a_t = a^(c r_t) with a = σ(Λ) and c = 8,
 h_t = a_t ⊙ h_(t-1) + sqrt(1 - a_t²) ⊙ (i_t ⊙ x_t); a_t is computed in log space, log a_t = -c r_t softplus(-Λ);
 Λ is initialised so that a^c is uniform in [0.9, 0.999].
-Official code: https://github.com/google-deepmind/recurrentgemma
+Official code: https://github.com/google-deepmind/recurrentgemma (as there, the derivative of sqrt(1 - a_t²) is
+capped: `sqrt_bounded_grad`)
 
 The parallel form is the parallel scan `mamba.linear_scan` over the diagonal recurrence (Eq. 4); decoding applies
 Eq. (4) once per token. The local attention is `mha.Attention` with one KV head and a window (its cache keeps the
@@ -33,7 +34,30 @@ from reference_impls.architectures.mamba import causal_conv, linear_scan
 from reference_impls.architectures.mha import Attention
 from reference_impls.base import UNIT_BYTES
 
-__all__ = ["RecurrentBlock", "cache_bytes", "is_attention", "make"]
+__all__ = ["MAX_SQRT_GRAD", "RecurrentBlock", "cache_bytes", "is_attention", "make", "sqrt_bounded_grad"]
+
+#: the official code's cap on the derivative of sqrt(1 - a_t²) (recurrentgemma's SqrtBoundDerivative)
+MAX_SQRT_GRAD = 1000.0
+
+
+class _SqrtBoundedGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.sqrt()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return g / (4 * x).clamp_min(MAX_SQRT_GRAD ** -2).sqrt()  # 1/(2 sqrt x), at most MAX_SQRT_GRAD
+
+
+def sqrt_bounded_grad(x: Tensor) -> Tensor:
+    """sqrt(x), x >= 0, whose derivative 1/(2 sqrt x) is capped at MAX_SQRT_GRAD, as the official code does.
+
+    Why: when the recurrence gate r_t saturates to 0, a_t -> 1 and 1 - a_t² -> 0, where the plain derivative is
+    infinite; times sigmoid's zero slope it makes NaN gradients that poison the whole step (seen at lr 1e-2)."""
+    return _SqrtBoundedGrad.apply(x)
 
 
 class RecurrentBlock(Mixer):
@@ -64,7 +88,7 @@ class RecurrentBlock(Mixer):
         u, conv_state = causal_conv(self.rnn_branch(x), self.conv, conv_state)  # (B, T, d_rnn)
         r, i = torch.sigmoid(self.w_a(u)), torch.sigmoid(self.w_x(u))  # Eq. (1), (2)
         log_a = -self.c * r * F.softplus(-self.lam)  # Eq. (3) in log space: log a_t = c r_t log σ(Λ)
-        b = torch.sqrt(-torch.expm1(2 * log_a)) * (i * u)  # sqrt(1 - a_t²) ⊙ (i_t ⊙ x_t): keeps h at unit scale
+        b = sqrt_bounded_grad(-torch.expm1(2 * log_a)) * (i * u)  # sqrt(1 - a_t²) ⊙ (i_t ⊙ x_t): keeps h at unit scale
         h0 = None if cache is None else cache.held["h"]
         if T == 1 and h0 is not None:  # decoding: Eq. (4) for one token
             h = (log_a[:, 0].exp() * h0 + b[:, 0])[:, None]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from reference_impls.architectures import mha
 from reference_impls.architectures.common import ArchConfig, build
-from reference_impls.architectures.griffin import RecurrentBlock, cache_bytes, make
+from reference_impls.architectures.griffin import MAX_SQRT_GRAD, RecurrentBlock, cache_bytes, make, sqrt_bounded_grad
 from reference_impls.architectures.mha import Attention
 
 from arch_checks import assert_step_equals_forward, step_by_step
@@ -74,3 +74,19 @@ def test_error_paths():
         RecurrentBlock(CFG, c=0)
     with pytest.raises(ValueError, match="seq_len"):
         cache_bytes(CFG, -1)
+
+
+def test_a_saturated_recurrence_gate_gives_finite_gradients():
+    # r_t = σ(-200) = 0 in fp32, so a_t = 1 and 1 - a_t² = 0: the plain sqrt's derivative there is infinite and,
+    # times sigmoid's zero slope, NaN (what broke training at lr 1e-2); the official code caps it, as we do
+    torch.manual_seed(0)
+    m = RecurrentBlock(CFG)
+    with torch.no_grad():
+        m.w_a.bias.fill_(-200.0)
+    x = torch.randn(2, 6, CFG.d_model)
+    m(x).square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    u = torch.tensor([0.0, 1e-12, 0.25], requires_grad=True)
+    sqrt_bounded_grad(u).sum().backward()
+    assert torch.allclose(sqrt_bounded_grad(u), u.sqrt())
+    assert u.grad.tolist() == pytest.approx([MAX_SQRT_GRAD, MAX_SQRT_GRAD, 1.0])
