@@ -98,7 +98,7 @@ class _Task:
 class AssociativeRecall(_Task):
     """MQAR: `pairs` key-value pairs, filler, then `queries` of their keys, each followed by its value.
 
-    [k1 v1 ... kP vP] [filler ...] [q1 a1 ... qQ aQ]; keys distinct within a row, values drawn with replacement.
+    `[k1 v1 ... kP vP] [filler ...] [q1 a1 ... qQ aQ]`: keys distinct within a row, values drawn with replacement.
     """
 
     pairs: int = 4
