@@ -6,6 +6,7 @@ calls, in this order, for every forward pass of the model:
 
     k_all, v_all, slots = store.append(k_new, v_new)     # before attention
     out = attention(q, k_all, v_all, mask)                # done by the integration module
+    out = store.mix(step, out)                            # before the output projection (default: unchanged)
     store.after_attention(step)                           # after attention: evict, merge, quantize ...
 
 Shapes: keys/values (B, H_kv, T, D); queries (B, H, q, D) with H = G * H_kv (GQA group size G).
@@ -18,11 +19,14 @@ always there), where each key and query sits in its row's sequence (`positions`,
 the attention weights (`probs()`), computed once whoever asks. A method never rebuilds a causal mask or reads
 padding. What a method needs from the model (its rotary embedding, its tokenizer's token classes, the ids of
 the tokens seen, the number of layers, the projection weights, the other layers' stores, a calibration prefill)
-is a `Model` handed to `new_layer` once, when the stores are made.
+is a `Model` handed to `new_layer` once, when the stores are made; `Model.trace` runs the model, uncompressed, on
+other tokens (e.g. the prompt followed by an instruction to repeat it) for methods that score the prompt that way.
 
-Three optional hooks cover the families that change what attention reads or what the cache is given:
+Optional hooks cover the families that change what attention reads, what it returns or what the cache is given:
 `LayerStore.select` (retrieval: read a subset of a held cache, bytes read reported by `read_nbytes`),
-`Model.stores` (cross-layer sharing and merging) and `KVMethod.compress_prompt` (prompt compression).
+`LayerStore.logit_bias` (a held key weighs as the tokens it stands for), `LayerStore.mix` (a term added to the
+attention output, e.g. SparQ's mean value), `Model.stores` (cross-layer sharing and merging) and
+`KVMethod.compress_prompt` (prompt compression).
 
 Keys arrive after RoPE, so a kept token keeps its original position; new tokens continue from the true
 sequence length (the integration module's cache reports tokens *seen*, not tokens kept).
@@ -117,6 +121,12 @@ class Model:
     #: ids (1, T) -> (1, T) log p(x_t | x_<t) under the model itself (0 for the first token), for methods that
     #: score a prompt before it is prefilled (Selective Context, LLMLingua)
     logprobs: Optional[Callable[[Tensor], Tensor]] = None
+    #: ids (1, T) -> one dense `Step` per layer of an uncompressed prefill of those ids, each with `hidden` (the
+    #: layer's input and its attention block's output): a forward pass over tokens the cache never sees, against the
+    #: model itself, for methods that score the prompt by what the model does on other text built from it (KVzip's
+    #: context reconstruction) or by what attention does to the hidden states (SqueezeAttention). Memoised per model
+    #: and ids (the last ids asked), so every layer's store, and every cache of that model, shares one extra forward.
+    trace: Optional[Callable[[Tensor], list]] = None
 
 
 @dataclass
@@ -137,6 +147,10 @@ class Step:
     layer_idx: int
     since_compress: int = 0  # forward passes since the compressing pass: 0 on it, -1 before it
     bias: Optional[Tensor] = None  # (B, H_kv, T) logit bias of each key (`LayerStore.logit_bias`), None = 0
+    #: (x, a), each (B, q, d_model): the layer's input hidden states (the residual stream, before the attention
+    #: block's norm) and its attention block's output (after o_proj, before the residual add). Only in the steps of
+    #: `Model.trace`; None in a cache's steps.
+    hidden: Optional[tuple[Tensor, Tensor]] = None
     _mask: Optional[Tensor] = field(default=None, repr=False)
     _probs: Optional[Tensor] = field(default=None, repr=False)
 
@@ -193,7 +207,8 @@ class Step:
             return self
         return dataclasses.replace(self, queries=self.queries[:, :, -n:], q_positions=self.q_positions[:, -n:],
                                    _mask=None if self._mask is None else self._mask[:, :, -n:],
-                                   _probs=None if self._probs is None else self._probs[:, :, -n:])
+                                   _probs=None if self._probs is None else self._probs[:, :, -n:],
+                                   hidden=None if self.hidden is None else tuple(h[:, -n:] for h in self.hidden))
 
 
 class LayerStore:
@@ -225,6 +240,15 @@ class LayerStore:
         the number of tokens a held key stands for, so that a token merged from m tokens draws attention as m
         copies would (RazorAttention's compensation token, Eq. 5). Counted in `nbytes` by the store that holds it."""
         return None
+
+    def mix(self, step: Step, out: Tensor) -> Tensor:
+        """After attention, before the output projection: the attention output out (B, H, q, D) of each query
+        head, in the model's dtype -> what the layer passes on (same shape). Default: `out` unchanged. For a term
+        that softmax attention over held keys cannot express, e.g. SparQ's (1 - alpha) mean value (Algorithm 1).
+        `step` is this call's (its `mask` is what attention read); called before `after_attention(step)`.
+        A recorded prefill (`replay.py`) runs no attention, so a store whose `mix` changes a prompt's output
+        must belong to a method with `replayable = False`; decoding after a replay calls it as usual."""
+        return out
 
     def read_nbytes(self) -> Optional[int]:
         """Bytes the last attention call read from this store (selected keys/values plus whatever chose them,

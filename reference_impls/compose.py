@@ -93,3 +93,6 @@ class ComposedStore(LayerStore):
 
     def logit_bias(self) -> Optional[Tensor]:
         return self.ev.logit_bias()
+
+    def mix(self, step: Step, out: Tensor) -> Tensor:
+        return self.q.mix(step, self.ev.mix(step, out))  # the eviction store's term, then the quantizer's

@@ -14,7 +14,8 @@ How a method runs inside a Hugging Face model:
   `store.append`, the mask is built from the stores' slots (so layers and heads may keep different
   numbers of tokens, and left padding stays right after eviction), and after attention the store gets
   the queries (`store.after_attention(step)`): that is where eviction, merging or quantization happen,
-  after the attention that used the full states, as the papers do.
+  after the attention that used the full states, as the papers do. Between the two, `store.mix(step, out)`
+  may change the attention output before the output projection (identity unless a method overrides it).
 * Query-agnostic (kvpress) and query-aware (SnapKV paper) settings differ only in what is prefilled
   before the cache compresses: the context alone, or context and question.
 """
@@ -22,6 +23,7 @@ How a method runs inside a Hugging Face model:
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -37,6 +39,7 @@ from reference_impls.base import KVMethod, LayerStore, Model, Step, repeat_kv
 __all__ = ["KVCache", "model_info", "prepare_model", "ATTN_NAME"]
 
 ATTN_NAME = "kvatlas"
+_TRACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its last trace {"ids", "steps"}
 _active = threading.local()  # the KVCache whose update() ran last: its layer's attention comes next;
 # also the input ids of the forward pass now running (set by a pre-hook on the input embedding)
 
@@ -218,7 +221,8 @@ class KVCache(Cache):
             slots is None or (q_len == 1 and bool((slots >= 0).all())))
         if dense and q_len == 1:  # one query that sees every held key: its mask is all True, no need to build it
             step._mask = torch.ones(B, H_kv, 1, T, dtype=torch.bool, device=k.device)
-        out = _sdpa(query, k, v, None if dense else _attention_mask(step), scaling)
+        out = _sdpa(query, k, v, None if dense else _attention_mask(step), scaling)  # (B, q, H, D)
+        out = layer.store.mix(step, out.transpose(1, 2)).transpose(1, 2)  # a view both ways when unchanged
         layer.store.after_attention(step)
         if layer_idx == self.num_layers - 1 and self.compress_next:
             self.compress_next = False
@@ -250,7 +254,7 @@ class KVCache(Cache):
 
 def model_info(model, tokenizer=None) -> Model:
     """What a method may know about `model` (see `base.Model`), without a cache: its rotary embedding, projection
-    weights, calibration prefills and token log-probabilities. `KVCache` adds the token ids and the stores."""
+    weights, calibration prefills, token log-probabilities and traces. `KVCache` adds the token ids and the stores."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     rotary = getattr(decoder, "rotary_emb", None)  # Llama/Qwen/Mistral-style RoPE module
@@ -277,10 +281,54 @@ def model_info(model, tokenizer=None) -> Model:
         lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1).cpu()
 
+    def trace(ids: Tensor) -> list[Step]:
+        """One dense Step per layer of an uncompressed prefill of `ids` (1, T), with each layer's `hidden`."""
+        if not (isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[0] == 1 and not ids.is_floating_point()):
+            raise ValueError(f"trace takes token ids of shape (1, T), got {getattr(ids, 'shape', ids)!r}")
+        ids = ids.cpu()
+        last = _TRACES.setdefault(model, {})  # per model, so the caches of many methods or ratios share it
+        if not (last and torch.equal(last["ids"], ids)):  # memoised: every layer's store asks for the same ids
+            last.clear()
+            last.update(ids=ids, steps=_trace_steps(model, layers, ids))
+        return last["steps"]
+
     has_proj = attn is not None and all(hasattr(attn, f"{n}_proj") for n in ("q", "k", "v", "o"))
     return Model(num_layers=config.num_hidden_layers, rope=rope if rotary is not None else None,
                  tokenizer=tokenizer, weights=weights if has_proj else None, calibration=calibration,
-                 logprobs=logprobs)
+                 logprobs=logprobs, trace=trace)
+
+
+@torch.no_grad()
+def _trace_steps(model, layers, ids: Tensor) -> list[Step]:
+    """`record_prefill` of `ids`, plus each decoder layer's input and attention output (forward hooks; a decoder
+    layer whose attention module is not `self_attn`, or a model whose layers we cannot find, gives hidden=None)."""
+    from reference_impls.replay import record_prefill
+
+    seen: dict = {}
+    hooks = []
+    for i, layer in enumerate(layers if layers is not None else []):
+        if getattr(layer, "self_attn", None) is None:
+            continue
+
+        def take_input(module, args, kwargs, i=i):
+            seen[i, "x"] = args[0] if args else kwargs["hidden_states"]
+
+        def take_output(module, args, kwargs, out, i=i):
+            seen[i, "a"] = out[0] if isinstance(out, tuple) else out
+
+        hooks.append(layer.register_forward_pre_hook(take_input, with_kwargs=True))
+        hooks.append(layer.self_attn.register_forward_hook(take_output, with_kwargs=True))
+    try:
+        rec = record_prefill(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    steps = []
+    for i, (q, k, v) in enumerate(zip(rec.queries, rec.keys, rec.values)):
+        steps.append(Step.dense(q, k, v, scaling=rec.scaling, layer_idx=i))
+        if (i, "a") in seen:
+            steps[-1].hidden = (seen[i, "x"], seen[i, "a"])
+    return steps
 
 
 def _attention_mask(step: Step) -> Tensor:

@@ -97,6 +97,7 @@ def cache_from_record(model, method: KVMethod, record: PrefillRecord, tokenizer=
         # the attention weights are shared only when the store handed attention the recorded keys themselves
         same = kk is k and selected is None and step.bias is None
         step._probs = record.probs.get(i) if same else None
+        # no attention output is computed here, so `store.mix` has nothing to change (see `LayerStore.mix`)
         layer.store.after_attention(step)
         if same and step._probs is not None:
             record.probs.setdefault(i, step._probs)

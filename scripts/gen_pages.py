@@ -3,7 +3,8 @@
 Pages: the taxonomy browser (family diagram + faceted, sortable table), one page per family, one page per
 entry (axes, the paper's results beside this atlas's measured ones, BibTeX), the compare page, the
 vocabulary, the two seeds' crosswalk, the leaderboard and the seed's findings from results/bench/*.jsonl
-(scripts/leaderboard.py, scripts/findings.py; KVATLAS_BENCH_RESULTS=<folder> reads another folder), the legacy
+(scripts/leaderboard.py, scripts/findings.py; KVATLAS_BENCH_RESULTS=<folder> reads another folder) with the tiny
+architectures of results/architectures/bench.jsonl (`kvatlas arch-bench`), the legacy
 per-method passkey evidence from results/<family>/*.json, the API reference (one page per module),
 the notebooks (their executed copies from notebooks/executed/, see scripts/execute_notebooks.py), the
 downloads (atlas.json, atlas.csv, atlas.bib), the nav (nav.txt, for literate-nav), and pages.json: every page this build must have,
@@ -93,6 +94,9 @@ bench_rows = leaderboard.load_rows(BENCH)
 quick_rows = leaderboard.load_rows(BENCH, quick=True)
 passkey_rows = leaderboard.load_rows(BENCH, group="passkey-")
 names = {e.id: e.name for e in entries}
+# The tiny architectures trained on the synthetic suite (`kvatlas arch-bench`), one line per architecture
+arch_rows = leaderboard.load_arch_rows(ROOT / "results" / "architectures" / "bench.jsonl")
+arch_links = leaderboard.arch_entries(entries)
 
 
 def link(eid: str, prefix: str = "") -> str:
@@ -177,6 +181,9 @@ def measured_section(e) -> list[str]:
     bench = leaderboard.overall([r for r in bench_rows if e.id in r["ids"]])
     passkey = [r for r in passkey_rows if e.id in r["ids"]]
     out = ["### Measured by this atlas", ""]
+    if not rows and not bench and not passkey and e.architecture and not e.implementation:
+        return out + ["As an architecture trained from scratch on the synthetic suite: see "
+                      "[Architecture module](#architecture-module) above.", ""]
     if not rows and not bench and not passkey:
         out += ["Not measured yet: " + ("the method has no reference implementation in kvatlas." if not e.implementation
                 else "no results file; run `kvatlas bench --methods " + e.id + "`."), ""]
@@ -245,9 +252,14 @@ for e in sorted(entries, key=lambda e: (e.principle, e.name.lower())):
                   f"`{e.implementation}` — [API and source](../api/{module}.md), "
                   f"[notebook](../{nb}) (executed on the embedded model; its outputs are kept with the code).", "",
                   "```python", f"from {module} import {e.implementation.rsplit('.', 1)[1]}", "```", ""]
+    elif e.architecture:
+        lines += ["## Reference implementation", "", "Not a cache method: this entry changes the model, and its "
+                  "module is in the next section.", ""]
     else:
         lines += ["## Reference implementation", "", "Not implemented in kvatlas yet "
                   "([contribute one](../contributing.md)).", ""]
+    if e.architecture:
+        lines += leaderboard.arch_entry_section(e.architecture, notebook_file[Path(e.notebook).stem], arch_rows)
     lines += ["## Results", ""]
     if e.reported_results:
         lines += ["### Reported by the paper", "",
@@ -421,7 +433,8 @@ nav["The two seeds"] = "seeds.md"
 # ---------------------------------------------------------------------------------------------------- leaderboard
 # The benchmark (`kvatlas bench`, 16-bit unit) from KVATLAS_BENCH_RESULTS (default results/bench; the tests and
 # layout builds point it at tests/fixtures/bench); the findings checked on it; the legacy passkey runs (fp32 unit).
-write("leaderboard.md", leaderboard.leaderboard_page(bench_rows, names, BENCH_REL, quick_rows, passkey_rows))
+write("leaderboard.md", leaderboard.leaderboard_page(bench_rows, names, BENCH_REL, quick_rows, passkey_rows, arch_rows,
+                                                    arch_links))
 nav["Leaderboard"] = "leaderboard.md"
 from reference_impls.bench.tasks import TASKS  # noqa: E402
 

@@ -290,8 +290,11 @@ def passkey_section(rows: list[dict], names: dict[str, str]) -> list[str]:
 
 
 def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "results/bench",
-                     quick: list[dict] = (), passkey: list[dict] = ()) -> str:
-    """leaderboard.md: setup, overall table, per task a table and a Pareto figure, and the heatmaps."""
+                     quick: list[dict] = (), passkey: list[dict] = (), arch: list[dict] = (),
+                     arch_links: dict[str, list[str]] | None = None) -> str:
+    """leaderboard.md: setup, overall table, per task a table and a Pareto figure, the heatmaps, and the tiny
+    architectures trained on the synthetic suite (`arch`, rows of `kvatlas arch-bench`)."""
+    archs = architectures_section(list(arch), arch_links or {}, names) if arch else []
     out = ["# Leaderboard", "",
            "Every implemented method, alone and composed, under one setup: the same model, prompts, batch and "
            "machine, each cell's full-cache score beside it. Methods link to their taxonomy pages; the "
@@ -299,13 +302,14 @@ def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "res
            "passkey-only measurements (fp32 unit) are on the [per-method evidence](evidence.md) page.", "",
            f"**Unit.** All {UNIT}: the 16-bit unit of the benchmark seed (arXiv 2407.01527).", ""]
     if not rows and quick:
-        return "\n".join(out + fixture_warning(quick) + setup_lines(quick, source) + quick_section(list(quick), names))
+        return "\n".join(out + fixture_warning(quick) + setup_lines(quick, source) + quick_section(list(quick), names)
+                         + archs)
     if not rows:
         return "\n".join(out + [
             f"**No benchmark results yet**: `{source}/` holds no `*.jsonl` file. Produce them with "
             "`kvatlas bench --quick` (a small grid on CPU; `kvatlas bench --help` for the full one), which writes "
             f"`{source}/<name>.jsonl`, then rebuild the site. `KVATLAS_BENCH_RESULTS=<folder>` points the build "
-            "at another folder.", ""])
+            "at another folder.", ""] + archs)
     out += fixture_warning(rows) + setup_lines(rows, source)
     out += ["## Overall", "", "Per method and target ratio: the mean over tasks (each task at its main length, "
             "the one most cells ran at; tasks the full cache cannot do left out) of the score, of the score "
@@ -337,7 +341,7 @@ def leaderboard_page(rows: list[dict], names: dict[str, str], source: str = "res
         out += [f"### Target {target:g}×", "", heatmap(rows, target, names), "", provenance(rs), ""]
     out += ["Times are wall times of the `device` named above; the `timing` field says whether they come from "
             "an accuracy pass on shared cores or a timing pass run alone.", ""]
-    return "\n".join(out + passkey_section(list(passkey), names) + quick_section(list(quick), names))
+    return "\n".join(out + passkey_section(list(passkey), names) + quick_section(list(quick), names) + archs)
 
 
 # ---------------------------------------------------------------------------------------------------- legacy
@@ -480,3 +484,118 @@ def howto_page(tasks: dict, rows: list[dict]) -> str:
     out += [f"* `{c}` at commit `{k}`" for c, k in cmds] or ["* none yet"]
     out += ["", "Wall times: " + "; ".join(f"{k}: {v}" for k, v in RUN_TIMES.items()) + ".", ""]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------- architectures
+#: fields every line of results/architectures/bench.jsonl (`kvatlas arch-bench`) must have
+ARCH_REQUIRED = ("arch", "params", "lengths", "train_length", "bytes_per_token", "constant_state", "accuracy",
+                 "train_s", "threads", "command", "commit")
+
+
+def load_arch_rows(path: Path) -> list[dict]:
+    """The lines of `kvatlas arch-bench`'s output, one per architecture (none if the file does not exist); a bad
+    line stops the build with its file:line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{i}: not a JSON object ({err.msg})") from None
+        missing = [k for k in ARCH_REQUIRED if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}:{i}: missing {', '.join(missing)}")
+        rows.append(dict(row, source=f"{path.name}:{i}"))
+    return rows
+
+
+def arch_entries(entries) -> dict[str, list[str]]:
+    """Architecture name (its module's file name under reference_impls.architectures) -> the entries that link it
+    in their `architecture` field (several may: RetNet and GLA share `linear`), the one named like it first."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for e in sorted(entries, key=lambda e: e.id):
+        if getattr(e, "architecture", None):
+            module = e.architecture.split(".")[2]
+            out[module].insert(0, e.id) if e.id == module else out[module].append(e.id)
+    return dict(out)
+
+
+def _per_length(values: dict, lengths: list[int], spec: str) -> str:
+    return " / ".join(fmt(values.get(str(n)), spec) or "–" for n in lengths)
+
+
+def arch_table(rows: list[dict], links: dict[str, list[str]], names: dict[str, str], prefix: str = "taxonomy/"
+               ) -> list[str]:
+    """One row per architecture: parameters, cache bytes per token at each length (a constant state: its bytes),
+    exact-match accuracy of each task at each length, training time."""
+    lengths = rows[0]["lengths"]
+    tasks = list(dict.fromkeys(t for r in rows for t in r["accuracy"]))
+    at = " / ".join(map(str, lengths))
+    out = ["| Architecture | Params | Cache bytes per token (16-bit) at " + at + " | "
+           + " | ".join(f"{t.capitalize()} accuracy at {at}" for t in tasks) + " | Train s (wall / CPU) | Threads |",
+           "|---|---|---|" + "---|" * len(tasks) + "---|---|"]
+    for r in rows:
+        entries = [f"[{names[e]}]({prefix}{e}.md)" for e in links.get(r["arch"], []) if e in names]
+        name = f"`{r['arch']}`" + (f" ({', '.join(entries)})" if entries else "")
+        cache = (f"constant state, {r['state_bytes']:,} B" if r["constant_state"] and r.get("state_bytes") is not None
+                 else _per_length(r["bytes_per_token"], lengths, ".0f"))
+        out.append(f"| {name} | {r['params']:,} | {cache} | "
+                   + " | ".join(_per_length(r["accuracy"].get(t, {}), lengths, ".2f") for t in tasks)
+                   + f" | {r['train_s']:.0f} / {fmt(r.get('train_cpu_s'), '.0f') or '?'}"
+                   + f"{' (cached)' if r.get('cached') else ''} | {r['threads']} |")
+    return out
+
+
+def architectures_section(rows: list[dict], links: dict[str, list[str]], names: dict[str, str]) -> list[str]:
+    """The leaderboard's "Architectures" section: tiny models trained from scratch on the synthetic suite."""
+    out = ["## Architectures", ""]
+    L = sorted({r["train_length"] for r in rows})
+    steps = sorted({r.get("train", {}).get("steps") for r in rows}, key=str)
+    seeds = sorted({r.get("train", {}).get("seed") for r in rows}, key=str)
+    budget = sorted({r.get("budget") for r in rows}, key=str)
+    out += [f"Architectures that shrink the cache by design, each a small model trained from scratch on CPU on the "
+            "synthetic suite (associative recall in the style of Zoology's MQAR, selective copying as in Mamba, a "
+            f"passkey in filler): the same parameter budget ({', '.join(f'{b:,}' for b in budget if b)} parameters, "
+            f"matched within 10% by the MLP width), steps ({', '.join(map(str, steps))}), optimiser and seed "
+            f"({', '.join(map(str, seeds))}), trained on lengths up to L = {', '.join(map(str, L))} and evaluated at "
+            f"{', '.join(map(str, rows[0]['lengths']))} tokens (the last two beyond the training length). "
+            "Accuracy is exact match of the answer (teacher-forced, the same as greedy decoding for an exact "
+            "match). Cache bytes are measured from the tensors each layer's cache holds after a prefill of that "
+            "length, in a bf16 copy of the model (the atlas's 16-bit unit); a cache that no longer grows with the "
+            "sequence (a recurrent state, or a local window already full) shows its size. These models are tiny "
+            "and trained for minutes with one seed: the table compares architectures under one small budget, not "
+            "the papers' models. `notebooks/arch_compare.py` plots bytes per token against recall at each length "
+            "and sets the papers' and the benchmark seed's findings beside these.", ""]
+    out += arch_table(rows, links, names) + ["", provenance(rows), ""]
+    return out
+
+
+def arch_entry_section(path: str, notebook: str, rows: list[dict]) -> list[str]:
+    """An entry page's "Architecture module" section: the module of its `architecture` field (a class, function
+    or module under reference_impls.architectures) with its API page and notebook, and the module's row of
+    `kvatlas arch-bench` when there is one. `notebook`: the notebook's page, relative to the site's root."""
+    import importlib
+
+    try:
+        importlib.import_module(path)
+        module, obj = path, None
+    except ImportError:
+        module, obj = path.rsplit(".", 1)
+    out = ["## Architecture module", "", f"`{path}` — [API and source](../api/{module}.md), [notebook](../{notebook}). "
+           "This entry changes the model itself, so it is not a cache method that runs on a trained model: its "
+           "module is a small layer of its own, trained from scratch, with a cache whose bytes are measured from "
+           "the tensors it holds.", ""]
+    if obj:
+        out += ["```python", f"from {module} import {obj}", "```", ""]
+    mine = [r for r in rows if r["arch"] == module.split(".")[2]]
+    if mine:
+        out += ["### Trained on the synthetic suite", "", f"`kvatlas arch-bench` trains the module as "
+                f"`build(\"{mine[0]['arch']}\", cfg)` builds it (its default configuration) at the shared parameter "
+                f"budget, at lengths up to {mine[0]['train_length']}; every architecture is in the "
+                "[leaderboard](../leaderboard.md#architectures)'s table.", ""]
+        out += arch_table(mine, {}, {}) + ["", provenance(mine), ""]
+    return out

@@ -6,7 +6,7 @@ The rules (CI runs them with `-m "not slow"`):
 * always the fast atlas tests (`ATLAS_TESTS`);
 * `reference_impls/<family>/<m>.py` -> `tests/<family>/test_<m>.py`; a file of the family without its own
   test (shared machinery such as `eviction/base.py`) -> the whole `tests/<family>/`;
-* `taxonomy/<id>.yaml` and `notebooks/<m>.py` -> the tests of the method the entry links (`implementation`);
+* `taxonomy/<id>.yaml` and `notebooks/<m>.py` -> the tests of the method the entry links (`implementation`, `architecture`);
 * a changed test file -> itself; a changed test helper or conftest -> its folder;
 * a changed top-level module (`reference_impls/base.py`, `integration.py`, ...) or `pyproject.toml` ->
   every test (`tests`).
@@ -68,11 +68,13 @@ def tests_for(changed: Iterable[str], root: Path = ROOT) -> list[str]:
         if p.parts[0] == "reference_impls" and len(p.parts) == 3 and p.suffix == ".py":
             out += _module_tests(p.parts[1], p.stem, root)
         elif p.parts[0] == "taxonomy" and p.suffix == ".yaml" and (root / p).is_file():
-            out += _method_tests(_entry_field(root / p, "implementation"), root)
+            for field in ("implementation", "architecture"):
+                out += _method_tests(_entry_field(root / p, field), root)
         elif p.parts[0] == "notebooks" and p.suffix == ".py":
             for entry in sorted((root / "taxonomy").glob("*.yaml")):
                 if _entry_field(entry, "notebook") == name:
-                    out += _method_tests(_entry_field(entry, "implementation"), root)
+                    for field in ("implementation", "architecture"):
+                        out += _method_tests(_entry_field(entry, field), root)
         elif p.parts[0] == "tests" and (root / p).exists():
             is_test = p.name.startswith("test_") and p.suffix == ".py"
             out.append(p.as_posix() if is_test else p.parent.as_posix())

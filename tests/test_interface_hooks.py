@@ -1,6 +1,7 @@
 """The interface's hooks for the families beyond eviction and quantization: a store that reads a subset
-(`LayerStore.select`, retrieval), the other layers' stores (`Model.stores`, cross-layer), the projection weights,
-calibration prefills, token log-probabilities and prompt compression (`KVMethod.compress_prompt`)."""
+(`LayerStore.select`, retrieval), a logit bias, a term on the attention output (`LayerStore.mix`), the other
+layers' stores (`Model.stores`, cross-layer), the projection weights, calibration prefills, token
+log-probabilities, traces (`Model.trace`) and prompt compression (`KVMethod.compress_prompt`)."""
 
 from dataclasses import dataclass
 
@@ -10,9 +11,12 @@ import torch
 from reference_impls import Full, KVCache
 from reference_impls.base import DenseStore, KVMethod, Model, nbytes
 from reference_impls.calibration import calibration_ids, calibration_steps
+from reference_impls.compose import Compose
+from reference_impls.eviction.base import EvictingStore, EvictionMethod
 from reference_impls.generation import greedy_generate, shorten_prompt
 from reference_impls.integration import model_info
 from reference_impls.models import tiny_llama
+from reference_impls.quantization.kivi import KIVI
 from reference_impls.replay import cache_from_record, record_prefill
 
 
@@ -154,6 +158,33 @@ def test_logprobs_are_the_models_next_token_log_probabilities():
         assert torch.isclose(lp[0, t], ref[t - 1, x[0, t]], atol=1e-5)
 
 
+@torch.no_grad()
+def test_trace_is_an_uncompressed_prefill_of_other_tokens_with_each_layers_hidden_states():
+    """Reference: a plain transformers forward with output_hidden_states; each layer's attention output is what turns
+    its input into the next layer's input through the layer's own MLP block: x' = h + mlp(norm(h)), h = x + a."""
+    model, x = tiny_llama(), ids(15)
+    info = model_info(model)
+    steps = info.trace(x)
+    rec = record_prefill(model, x)
+    assert len(steps) == 2 and all(torch.equal(s.keys, k) and torch.equal(s.queries, q)
+                                   for s, q, k in zip(steps, rec.queries, rec.keys))
+    hs = model(x, output_hidden_states=True).hidden_states
+    for layer, s in enumerate(steps):
+        inp, attn = s.hidden
+        assert inp.shape == attn.shape == (1, 15, 64) and torch.allclose(inp, hs[layer], atol=1e-6)
+        block = model.model.layers[layer]
+        h = inp + attn
+        nxt = h + block.mlp(block.post_attention_layernorm(h))
+        if layer + 1 < len(steps):  # the last hidden state of transformers' tuple has the final norm applied
+            assert torch.allclose(nxt, hs[layer + 1], atol=1e-5)
+    assert steps[1].last(4).hidden[0].shape == (1, 4, 64)  # last(n) keeps the last n tokens' hidden states
+    assert info.trace(x.clone()) is steps  # memoised per ids: every layer's store shares one forward ...
+    assert model_info(model).trace(x) is steps  # ... and every cache of the model
+    assert info.trace(ids(15, seed=1)) is not steps
+    with pytest.raises(ValueError, match=r"trace takes token ids of shape \(1, T\)"):
+        info.trace(torch.cat([x, x]))
+
+
 @dataclass
 class EveryOther(KVMethod):
     """Toy prompt compression: keep every other context token (the question, when shown, is never dropped)."""
@@ -229,3 +260,103 @@ def test_a_logit_bias_weighs_a_key_as_that_many_copies():
     assert torch.allclose(step.probs(), ref, atol=1e-5)
     full = model(x).logits
     assert not torch.allclose(out, full, atol=1e-3)  # the bias changed the prompt's attention too
+
+
+def zero_head_0_of_decoding(out):
+    """Toy `mix`: while decoding (one query), query head 0's attention output becomes 0 (out (B, H, q, D))."""
+    if out.shape[2] > 1:
+        return out  # the prompt's output unchanged, as SparQ (which reads everything while prefilling)
+    out = out.clone()
+    out[:, 0] = 0
+    return out
+
+
+class ZeroHeadStore(DenseStore):
+    def mix(self, step, out):
+        assert out.shape == step.queries.shape  # (B, H, q, D), as the queries
+        return zero_head_0_of_decoding(out)
+
+
+@dataclass
+class ZeroHead(KVMethod):
+    def new_layer(self, layer_idx, model):
+        return ZeroHeadStore()
+
+
+class ZeroHeadEvictingStore(EvictingStore):
+    def mix(self, step, out):
+        return zero_head_0_of_decoding(out)
+
+
+@dataclass
+class Recent(EvictionMethod):
+    """Toy eviction (the latest tokens); `mixes` gives its stores the toy `mix`."""
+
+    mixes: bool = False
+
+    def score(self, step, history, budget):
+        return step.positions.float()
+
+    def new_layer(self, layer_idx, model):
+        return (ZeroHeadEvictingStore if self.mixes else EvictingStore)(self, layer_idx, model)
+
+
+def zero_head_0_after(model, start=None):
+    """Reference: hooks on every o_proj zeroing query head 0's input features at sequence positions >= start of
+    a forward pass (start None: in one-token passes only, i.e. while decoding with a cache)."""
+    D = model.config.head_dim
+
+    def hook(module, args):
+        x = args[0].clone()
+        if start is not None or x.shape[1] == 1:
+            x[:, start or 0:, :D] = 0  # o_proj's input is (B, q, H D), head after head
+        return (x,)
+    return [layer.self_attn.o_proj.register_forward_pre_hook(hook) for layer in model.model.layers]
+
+
+@torch.no_grad()
+def test_mix_changes_the_attention_output_before_the_output_projection():
+    model, x, steps = tiny_llama(), ids(25), 3
+    cache = KVCache(model, ZeroHead())
+    logits = model(x, cache=cache).logits[:, -1]
+    assert torch.allclose(logits, model(x).logits[:, -1], atol=1e-5)  # the prompt's output unchanged
+    seq = x
+    for _ in range(steps):
+        tok = logits.argmax(-1, keepdim=True)
+        seq = torch.cat([seq, tok], dim=1)
+        logits = model(tok, cache=cache).logits[:, -1]
+        hooks = zero_head_0_after(model, 25)
+        ref = model(seq).logits[:, -1]  # a plain forward with head 0 zeroed on the decoded positions
+        for h in hooks:
+            h.remove()
+        assert torch.allclose(logits, ref, atol=1e-5)
+        assert not torch.allclose(logits, model(seq).logits[:, -1], atol=1e-3)  # the toy did change something
+    # a replayed prefill decodes through mix too
+    rec = record_prefill(model, x)
+    live = greedy_generate(model, KVCache(model, ZeroHead()), [x], 5)
+    replayed = greedy_generate(model, cache_from_record(model, ZeroHead(), rec), [], 5, logits=rec.logits)
+    assert live.tokens == replayed.tokens
+
+
+@torch.no_grad()
+def test_compose_forwards_mix_from_its_eviction_store():
+    model, x = tiny_llama(), ids(40)
+    quant = lambda: KIVI(bits=8, group_size=8, residual_length=8)  # noqa: E731
+
+    def decode(method, steps=3):
+        cache = KVCache(model, method)
+        out = [model(x, cache=cache).logits[:, -1]]
+        for t in range(steps):
+            out.append(model(torch.tensor([[7 + t]]), cache=cache).logits[:, -1])
+        return cache, torch.cat(out)
+
+    cache, ours = decode(Compose(Recent(budget=30, mixes=True), quant()))
+    out = torch.randn(1, 4, 1, 16)
+    assert torch.equal(cache.layers[0].store.mix(None, out), zero_head_0_of_decoding(out))
+    plain = decode(Compose(Recent(budget=30), quant()))[1]
+    hooks = zero_head_0_after(model)
+    ref = decode(Compose(Recent(budget=30), quant()))[1]  # the same cache, head 0 zeroed by the hooks instead
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(ours[0], plain[0]) and not torch.allclose(ours[1:], plain[1:], atol=1e-3)

@@ -19,13 +19,14 @@ def test_each_kind_of_change_maps_to_its_tests():
     assert t(["taxonomy/snapkv.yaml"]) == ATLAS + ["tests/eviction/test_snapkv.py"]  # via `implementation`
     assert t(["taxonomy/kivi.yaml", "notebooks/h2o.py"]) == ATLAS + ["tests/quantization/test_kivi.py",
                                                                       "tests/eviction/test_h2o.py"]
+    assert t(["taxonomy/mamba.yaml"]) == ATLAS + ["tests/architectures/test_mamba.py"]  # via `architecture`
     assert t(["taxonomy/full.yaml"]) == ATLAS + ["tests/test_integration.py"]
     assert t(["reference_impls/quantization/kivi_triton.py"]) == ATLAS + ["tests/quantization/test_kivi_triton.py"]
     # shared machinery of a family: the family's tests; a test helper: its folder, which covers its files
     assert t(["reference_impls/eviction/base.py", "tests/eviction/test_h2o.py"]) == ATLAS + ["tests/eviction"]
     assert t(["tests/quantization/quant_checks.py"]) == ATLAS + ["tests/quantization"]
     # entries without an implementation, deleted files, docs: only the atlas tests
-    assert t(["taxonomy/kvzip.yaml", "taxonomy/gone.yaml", "README.md", "taxonomy/vocabulary.yaml"]) == ATLAS
+    assert t(["taxonomy/hymba.yaml", "taxonomy/gone.yaml", "README.md", "taxonomy/vocabulary.yaml"]) == ATLAS
     # the shared core and the build: everything
     assert t(["reference_impls/integration.py"]) == ["tests"]
     assert t(["README.md", "pyproject.toml"]) == ["tests"]

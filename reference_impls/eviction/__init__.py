@@ -19,6 +19,8 @@ from reference_impls.eviction.criticalkv import CriticalKV
 from reference_impls.eviction.chunkkv import ChunkKV
 from reference_impls.eviction.cake import CAKE
 from reference_impls.eviction.simlayerkv import SimLayerKV
+from reference_impls.eviction.kvzip import KVzip
+from reference_impls.eviction.squeezeattention import SqueezeAttention
 
 __all__ = ["EvictingStore", "EvictionMethod", "StreamingLLM", "keep_top"]
 __all__ += ["AdaKV", "KeyDiff", "PyramidKV", "SnapKV"]
@@ -28,3 +30,4 @@ __all__ += ["Keyformer"]
 __all__ += ["FastGen"]
 __all__ += ["CriticalKV", "ExpectedAttention", "LagKV"]
 __all__ += ["CAKE", "ChunkKV", "SimLayerKV"]
+__all__ += ["KVzip", "SqueezeAttention"]

@@ -280,32 +280,40 @@ class EvictingStore(DenseStore):
             k2, v2 = m.merge(step, history, idx, hole, k, v)  # merging methods fold the evicted in
             self.k, self.v, self.slots = k2, v2, slots
             self.spare = (k, v, slots, *buffers) if k2 is k and v2 is v else None  # a merge may give new tensors
-        else:  # the general case (and a tie for the lowest score, which `keep_top` decides as it always did)
-            self.tight = False
-            valid = step.valid
-            n_valid = valid.sum(-1)  # (B, H_kv)
-            if m.heads.budgeted and bool((n_valid <= self.row_budget[:, None]).all()) and bool(valid.all()):
-                return None  # within budget and nothing to tidy: keep everything (bit-identical to full)
-            if scores is None:
-                scores = m.score(step, history, self.row_budget).float()
-            scores = scores.masked_fill(~valid, float("-inf"))
-            counts = torch.minimum(m.heads.head_counts(scores, self.row_budget, m.window), n_valid)
-            idx, hole = keep_top(scores, counts)
-            # a dense store holds every token since the first: its slots are 0 .. T - 1
-            slots = self.slots if self.slots is not None else torch.arange(valid.shape[2], device=idx.device).expand_as(valid)
-            slots = torch.where(hole, -1, torch.gather(slots.long(), 2, idx)).to(torch.int32)
-            # tight from now on if every head kept its row's whole budget of real tokens under a uniform head policy
-            self.tight = (getattr(type(m.heads), "head_counts", None) is Uniform.head_counts and bool(valid.all())
-                          and bool((counts == self.row_budget[:, None]).all()) and not bool(hole.any()))
-            rows = row_index(idx, self.k.shape[2])
-            self.k, self.v = take_rows(self.k, idx, rows), take_rows(self.v, idx, rows)
-            self.k, self.v = m.merge(step, history, idx, hole, self.k, self.v)  # merging methods fold the evicted in
-            self.slots = slots
-        if history is not None:  # trailing dims (e.g. Scissorhands' per-key window of votes) follow their key
-            self.history = take_rows(history, idx)
-            if not self.tight:  # empty slots hold 0
-                self.history = self.history.masked_fill(hole.view(*hole.shape, *(1,) * (history.dim() - 3)), 0)
+            if history is not None:  # no holes, so no statistic to clear
+                self.history = take_rows(history, idx)
+            return idx, hole
+        # the general case (and a tie for the lowest score, which `keep_top` decides as it always did)
+        self.tight = False
+        valid = step.valid
+        n_valid = valid.sum(-1)  # (B, H_kv)
+        if m.heads.budgeted and bool((n_valid <= self.row_budget[:, None]).all()) and bool(valid.all()):
+            return None  # within budget and nothing to tidy: keep everything (bit-identical to full)
+        if scores is None:
+            scores = m.score(step, history, self.row_budget).float()
+        scores = scores.masked_fill(~valid, float("-inf"))
+        counts = torch.minimum(m.heads.head_counts(scores, self.row_budget, m.window), n_valid)
+        idx, hole = keep_top(scores, counts)
+        # tight from now on if every head kept its row's whole budget of real tokens under a uniform head policy
+        self.tight = (getattr(type(m.heads), "head_counts", None) is Uniform.head_counts and bool(valid.all())
+                      and bool((counts == self.row_budget[:, None]).all()) and not bool(hole.any()))
+        self.keep(idx, hole)
+        self.k, self.v = m.merge(step, history, idx, hole, self.k, self.v)  # merging methods fold the evicted in
         return idx, hole
+
+    def keep(self, idx: Tensor, hole: Tensor) -> None:
+        """Hold only the tokens idx (B, H_kv, W) of the held (unflattened) layout, True in hole at empty slots
+        (`keep_top`'s output): keys, values, slots and the statistic are gathered to them (slot -1 and statistic
+        0 at empty slots)."""
+        T = self.k.shape[2]
+        rows = row_index(idx, T)  # whole-row copies, see `take_rows`
+        self.k, self.v = take_rows(self.k, idx, rows), take_rows(self.v, idx, rows)
+        # a dense store holds every token since the first: its slots are 0 .. T - 1
+        slots = self.slots if self.slots is not None else torch.arange(T, device=idx.device).expand(*idx.shape[:2], T)
+        self.slots = torch.where(hole, -1, torch.gather(slots.long(), 2, idx)).to(torch.int32)
+        if self.history is not None:  # trailing dims (e.g. Scissorhands' per-key window of votes) follow their key
+            tail = (1,) * (self.history.dim() - 3)
+            self.history = take_rows(self.history, idx).masked_fill(hole.view(*hole.shape, *tail), 0)
 
     def nbytes(self) -> int:
         return super().nbytes() + nbytes(self.slots, self.history, self.counts)

@@ -152,13 +152,7 @@ class CakeStore(EvictingStore):
         scores = self.history[..., 0].masked_fill(~valid, float("-inf"))
         counts = torch.minimum(self.method.heads.head_counts(scores, budget, self.method.window), n_valid)
         idx, hole = keep_top(scores, counts)
-        dev = idx.device
-        rows = (torch.arange(idx.shape[0], device=dev)[:, None, None],
-                torch.arange(idx.shape[1], device=dev)[None, :, None], idx)
-        self.k, self.v = self.k[rows], self.v[rows]
-        slots = self.slots if self.slots is not None else torch.arange(valid.shape[2], device=dev).expand_as(valid)
-        self.slots = torch.where(hole, -1, torch.gather(slots.long(), 2, idx)).to(torch.int32)
-        self.history = self.history[rows].masked_fill(hole[..., None], 0)
+        self.keep(idx, hole)
         return idx, hole
 
 

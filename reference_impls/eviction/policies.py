@@ -13,23 +13,25 @@ memory. Both take the scorer's protected `window` (SnapKV's observation window, 
     | Adaptive(alpha, rule)   | heads  | Ada-KV, arXiv 2407.11550, Alg. 1       |
     | Threshold(min_score)    | heads  | FastGen's recovery mode (arXiv 2310.01801): a head keeps every key its scorer lifted |
     | Cascade()               | layers | CAKE, arXiv 2503.12491: budgets in proportion to each layer's preference, recut as layers are prefilled |
+    | Squeeze(p, groups)      | layers | SqueezeAttention, arXiv 2404.04793: k-means groups of layers by how little attention changes their input; the least changed group keeps p b |
 
 Cascade needs what `layer_budget` does not see (the layer's attention, the other layers' stores), so it is run by
 a store that can revisit earlier layers (`eviction/cake.py`'s); `cascade_budgets` is its allocation. EvictionMethod
 accepts only the policies its own store runs (uniform, pyramid for `layers`), so a scorer takes Cascade only
-through such a store.
+through such a store. Squeeze likewise needs each layer's similarity, which its method (`eviction/squeezeattention.py`)
+measures and binds to the policy; `squeeze_budgets` is its allocation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Adaptive", "Cascade", "Pyramid", "Threshold", "Uniform", "adakv_counts", "cascade_budgets", "parse_policy",
-           "proportional_budgets", "pyramid_budgets"]
+__all__ = ["Adaptive", "Cascade", "Pyramid", "Squeeze", "Threshold", "Uniform", "adakv_counts", "cascade_budgets",
+           "kmeans_1d", "parse_policy", "proportional_budgets", "pyramid_budgets", "squeeze_budgets"]
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,96 @@ class Cascade(Uniform):
         return n
 
 
-_BY_NAME = {"uniform": Uniform, "pyramid": Pyramid, "adaptive": Adaptive, "threshold": Threshold, "cascade": Cascade}
+def kmeans_1d(x: Tensor, k: int) -> Tensor:
+    """(L,) labels of the optimal k-means clustering of the L numbers x into min(k, distinct values) clusters: 0 = the
+    cluster of the lowest centre.
+
+    Optimal clusters of numbers are runs of the sorted values, so the best split into k runs is found
+    exactly by dynamic programming over the sorted values (O(k L^2)); Lloyd's iterations (sklearn's KMeans, as the
+    SqueezeAttention code uses) reach it or a local optimum. Ties go to the lower cluster.
+    """
+    v, order = x.double().flatten().sort()
+    L, k = v.numel(), min(k, int(v.unique().numel()))  # no more clusters than distinct values
+    c1 = torch.cat([v.new_zeros(1), v.cumsum(0)]).tolist()
+    c2 = torch.cat([v.new_zeros(1), (v * v).cumsum(0)]).tolist()
+
+    def sse(i, j):  # squared deviations of v[i:j] from their mean
+        return (c2[j] - c2[i]) - (c1[j] - c1[i]) ** 2 / (j - i)
+
+    best = [[float("inf")] * (L + 1) for _ in range(k + 1)]
+    cut = [[0] * (L + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for c in range(1, k + 1):
+        for j in range(c, L + 1):
+            for i in range(c - 1, j):  # the last run is v[i:j]
+                cost = best[c - 1][i] + sse(i, j)
+                if cost < best[c][j] - 1e-12:
+                    best[c][j], cut[c][j] = cost, i
+    labels, j = torch.empty(L, dtype=torch.long), L
+    for c in range(k, 0, -1):
+        labels[order[cut[c][j]:j]] = c - 1
+        j = cut[c][j]
+    return labels.to(x.device)
+
+
+def squeeze_budgets(similarity: Tensor, n: Tensor, budget: Tensor, p: float, groups: int = 3, window: int = 0) -> Tensor:
+    """(B, L) integer per-layer budgets of SqueezeAttention, each row summing to L * min(b, n) (as uniform keeps).
+
+    similarity (B, L): each layer's cosine similarity between its input and its input plus its attention output (high =
+    attention changed the tokens little); n (B,) tokens seen; budget (B,) the uniform budget b; window: tokens every
+    layer keeps on top of its share. The layers are clustered by k-means into `groups`; the cluster of the highest
+    centre keeps p (b - w) each, the others share the rest of L (b - w) evenly (the official code: class 3 keeps
+    `KV_class3`, the rest a = (L b - |class 3| p b) / (L - |class 3|)). Rounded by largest remainder and capped at
+    n - w, the excess re-spread in proportion (`proportional_budgets`), where the official code truncates. Every layer
+    keeps b when all fall in one cluster, when b <= w, and when b >= n (the prompt fits).
+    """
+    L = similarity.shape[1]
+    b = torch.minimum(budget, n)
+    share = b - window
+    weights = []
+    for row, s in zip(similarity, share.double().tolist()):
+        labels = kmeans_1d(row, groups)
+        low = labels == labels.max()
+        if bool(low.all()):  # one cluster: nothing to tell apart
+            weights.append(torch.ones(L, dtype=torch.float64))
+            continue
+        rest = (L * s - int(low.sum()) * p * s) / int((~low).sum())
+        weights.append(torch.where(low, p * s, rest).double().cpu())
+    w = torch.stack(weights).to(n.device)
+    split = window + proportional_budgets(w, L * share.clamp(min=0), (n - window).clamp(min=0))
+    uniform = (share <= 0) | (budget >= n)  # the prompt fits: every layer keeps b (a decoding scorer then grows to b)
+    return torch.where(uniform[:, None], budget[:, None].expand_as(split), split)
+
+
+@dataclass(frozen=True)
+class Squeeze(Uniform):
+    """SqueezeAttention's layer budgets (`squeeze_budgets`). p: the share of the uniform budget left to the layers whose
+    input attention changes least; groups: k-means clusters (paper and official code: 3). `similarity`, n (B,) ->
+    (B, L) per-layer similarities of the prompt being compressed, is bound by the method that measures it
+    (`SqueezeAttention.new_layer`)."""
+
+    p: float = 0.38
+    groups: int = 3
+    similarity: Optional[Callable[[Tensor], Tensor]] = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not (isinstance(self.p, (int, float)) and 0 < self.p <= 1):
+            raise ValueError(f"Squeeze: p must be a number in (0, 1], got {self.p!r}")
+        if not (isinstance(self.groups, int) and self.groups >= 2):
+            raise ValueError(f"Squeeze: groups must be an int >= 2, got {self.groups!r}")
+
+    def layer_budget(self, n, budget, layer_idx, num_layers, window):
+        if self.similarity is None:
+            raise ValueError("Squeeze: the layers' similarities are unknown; use it through SqueezeAttention, which "
+                             "measures them")
+        sim = self.similarity(n)
+        if sim.shape[1] != num_layers:
+            raise ValueError(f"Squeeze: {sim.shape[1]} layer similarities for a model of {num_layers} layers")
+        return squeeze_budgets(sim, n, budget, self.p, self.groups, window)[:, layer_idx]
+
+
+_BY_NAME = {"uniform": Uniform, "pyramid": Pyramid, "adaptive": Adaptive, "threshold": Threshold, "cascade": Cascade,
+            "squeeze": Squeeze}
 
 
 def parse_policy(value, field_name: str, allowed: tuple[str, ...]):

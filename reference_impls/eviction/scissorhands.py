@@ -70,6 +70,8 @@ def window_update(bits: Optional[Tensor], votes: Tensor, first, window: int) -> 
     """
     B, H_kv, n, T = votes.shape
     nb = (window + 7) // 8
+    if n == 1 and bits is not None:  # a decoding step: one bit per key changes, so write it in the packed bytes
+        return _write_bit(bits, votes[:, :, 0], first, window)
     ring = torch.zeros(B, H_kv, T, 8 * nb, dtype=torch.bool, device=votes.device)
     if bits is not None:
         ring[:, :, : bits.shape[2]] = _unpack(bits)
@@ -81,9 +83,26 @@ def window_update(bits: Optional[Tensor], votes: Tensor, first, window: int) -> 
     return packed.sum(-1).to(torch.uint8)
 
 
+def _write_bit(bits: Tensor, votes: Tensor, first, window: int) -> Tensor:
+    """`window_update` for one query per row: bits (B, H_kv, T_old, nb), votes (B, H_kv, T) for the query at
+    position `first` (int or (B,)). Only bit (first mod w) of each key changes, so the bytes are edited in place
+    of unpacking every key's whole ring (8 nb bools per key, at every decoding step of every layer)."""
+    B, H_kv, T = votes.shape
+    out = torch.nn.functional.pad(bits, (0, 0, 0, T - bits.shape[2]))  # new keys start with no votes
+    slot = torch.as_tensor(first, device=votes.device).expand(B) % window
+    byte = (slot // 8).view(B, 1, 1, 1).expand(B, H_kv, T, 1)
+    mask = (torch.ones((), dtype=torch.uint8, device=votes.device) << (slot % 8).to(torch.uint8)).view(B, 1, 1, 1)
+    new = (out.gather(3, byte) & ~mask) | (votes[..., None].to(torch.uint8) * mask)
+    return out.scatter_(3, byte, new)
+
+
+#: bits set in each byte value, so counting votes needs no unpacking
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
 def window_counts(bits: Tensor) -> Tensor:
     """(B, H_kv, T, nb) ring bits -> (B, H_kv, T) number of window queries that found each key unimportant."""
-    return _unpack(bits).sum(-1)
+    return _POPCOUNT.to(bits.device)[bits.long()].sum(-1)
 
 
 def scissorhands_scores(counts: Tensor, positions: Tensor, n_real: Tensor, n_recent: int) -> Tensor:

@@ -9,13 +9,15 @@ group before top-k). `sparq_attention` is that algorithm, the reference.
 Official code: https://github.com/graphcore-research/llm-inference-research (`llminference/methods/
 ann_attention.py`, `SparseQ` and `AnnAttention`: the local window of the local_k newest keys always read,
 local_k = k / 4 in the paper's sweeps; the current key comes on top of k).
-Deviations: (1) The mean-value reallocation (1 - alpha) v_mean is NOT applied in the model: `select` can only
-choose keys, attention then runs softmax over them (alpha = 1). `sparq_attention` computes the full
-Algorithm 1 output and the notebook measures what the reallocation changes; applying it in the model needs a
-store hook on the attention output, which the interface does not have. (2) The window and the current key
-count in k (official: k + 1 keys).
-(3) Scores use the model's attention scaling times sqrt(||q||_1 / ||q[i1]||_1) (equal to 1 / tau for
+The mean-value term runs in the model: the store's `mix` hook (`LayerStore.mix`) turns the attention over the
+k keys read into alpha y + (1 - alpha) v_mean, per query head, with v_mean the running mean of the row's values
+(an fp32 sum and count the store holds, updated as tokens arrive and counted in `nbytes`; a step reads its D
+channels per KV head, not every value); `reallocate=False` gives alpha = 1 (official `reallocate_to_mean_value`).
+Deviations: (1) The window and the current key count in k (official: k + 1 keys).
+(2) Scores use the model's attention scaling times sqrt(||q||_1 / ||q[i1]||_1) (equal to 1 / tau for
 scaling 1 / sqrt(d)).
+(3) v_mean is mixed in fp32 and cast to the model's dtype once (official: the mean cast to the values' dtype
+first); the official code recomputes it from every value each step, here it is a running sum (the same mean).
 
 Presets: rank = head_dim / 8 (r = 16 of d = 128, the paper's 1/8-transfer setting), local window k / 4
 (official sweeps); without ratio or budget, k = 128 tokens read (the paper's main sweeps). `ratio` sets the
@@ -30,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from reference_impls.base import Model, Step, nbytes
+from reference_impls.base import Model, Step, nbytes, repeat_kv
 from reference_impls.retrieval.base import RetrievalMethod, RetrievalStore, top_k_mask
 
 __all__ = ["SparQ", "sparq_approx", "sparq_attention"]
@@ -85,10 +87,13 @@ class SparQ(RetrievalMethod):
     Args (ratio, budget = k: see RetrievalMethod):
         rank: r, query components used to approximate (None: head_dim // 8, at least 1).
         local_share: the newest round(local_share * k) keys are always read (official sweeps: 0.25).
+        reallocate: give the approximate attention mass of the keys not read, 1 - alpha, to the mean value
+            (Algorithm 1, official default); False: plain attention over the keys read (alpha = 1).
     """
 
     rank: Optional[int] = None
     local_share: float = 0.25
+    reallocate: bool = True
 
     DEFAULT_BUDGET = 128
 
@@ -98,13 +103,34 @@ class SparQ(RetrievalMethod):
             raise ValueError(f"SparQ: rank must be an int >= 1 or None, got {self.rank!r}")
         if not (isinstance(self.local_share, (int, float)) and 0 <= self.local_share <= 1):
             raise ValueError(f"SparQ: local_share must be a number in [0, 1], got {self.local_share!r}")
+        if not isinstance(self.reallocate, bool):
+            raise ValueError(f"SparQ: reallocate must be a bool, got {self.reallocate!r}")
 
     def new_layer(self, layer_idx: int, model: Model) -> "SparQStore":
         return SparQStore(self, layer_idx, model)
 
 
 class SparQStore(RetrievalStore):
-    """The whole cache; each decoding step reads r channels of every key, then its top-k keys and values."""
+    """The whole cache; each decoding step reads r channels of every key, then its top-k keys and values, and
+    (reallocate) the running mean value, which `mix` weighs by the approximate mass of the keys not read."""
+
+    def __init__(self, method: SparQ, layer_idx: int, model: Model):
+        super().__init__(method, layer_idx, model)
+        self.v_sum: Optional[Tensor] = None  # (B, H_kv, D) fp32: sum of each row's real values so far
+        self.v_count: Optional[Tensor] = None  # (B, H_kv, 1) fp32: how many
+        self.alpha: Optional[Tensor] = None  # (B, H_kv, G) the last step's alpha; None: it read every key
+
+    def observe(self, step: Step) -> None:
+        self.alpha = None
+        if not self.method.reallocate:
+            return
+        q = step.q_len  # this step's tokens are the last q held (a dense store appends at the end)
+        real = step.valid[:, :, -q:, None].float()  # padding counts for nothing
+        add_sum, add_count = (step.values[:, :, -q:].float() * real).sum(2), real.sum(2)
+        if self.v_sum is None:
+            self.v_sum, self.v_count = add_sum, add_count
+        else:
+            self.v_sum, self.v_count = self.v_sum + add_sum, self.v_count + add_count
 
     def choose(self, step: Step) -> Optional[tuple[Tensor, int]]:
         m, n = self.method, step.n_real()
@@ -117,4 +143,20 @@ class SparQStore(RetrievalStore):
         s_hat, k_hat = sparq_approx(step.queries[:, :, -1], step.keys, rank, step.scaling, valid)
         local = (k.double() * m.local_share).round().long().clamp(min=1)  # the current key at least
         forced = step.positions >= (n - local)[:, None, None]
-        return top_k_mask(s_hat.sum(dim=2).masked_fill(~valid, float("-inf")), k, forced & valid), nbytes(k_hat)
+        sel = top_k_mask(s_hat.sum(dim=2).masked_fill(~valid, float("-inf")), k, forced & valid)
+        if not m.reallocate:
+            return sel, nbytes(k_hat)
+        self.alpha = (s_hat * sel[:, :, None]).sum(-1)  # (B, H_kv, G): approximate mass of the keys read
+        return sel, nbytes(k_hat, self.v_sum, self.v_count)  # the running mean is read too
+
+    def mix(self, step: Step, out: Tensor) -> Tensor:
+        """Algorithm 1's output: alpha softmax(q K[i2]) V[i2] + (1 - alpha) v_mean; out (B, H, 1, D)."""
+        if self.alpha is None:
+            return out
+        B, H_kv, G = self.alpha.shape
+        a = self.alpha.reshape(B, H_kv * G, 1, 1)  # query head h = kv head h // G, as the queries are grouped
+        v_mean = repeat_kv(self.v_sum / self.v_count.clamp(min=1), G)[:, :, None]  # (B, H, 1, D)
+        return (a * out.float() + (1 - a) * v_mean).to(out.dtype)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + nbytes(self.v_sum, self.v_count)

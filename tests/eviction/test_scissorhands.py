@@ -194,3 +194,24 @@ def test_bad_parameters_are_rejected():
     with pytest.raises(ValueError, match="ratio"):
         Scissorhands.from_ratio(0.5)
     assert Scissorhands.from_ratio(4).ratio == 4
+
+
+@pytest.mark.parametrize("window", [3, 8, 100])
+def test_one_query_write_equals_unpacking_the_ring(window):
+    """The decoding path edits one bit per key in the packed bytes; it equals unpacking, writing the column and
+    repacking (the general path's two-query update, one query at a time), with rows at different positions."""
+    g = torch.Generator().manual_seed(window)
+    nb = (window + 7) // 8
+    bits = torch.randint(0, 256, (2, 3, 7, nb), generator=g, dtype=torch.uint8)
+    if window % 8:  # columns past the window are never written
+        bits[..., -1] &= (1 << (window % 8)) - 1
+    votes = torch.rand(2, 3, 1, 8, generator=g) < 0.5
+    first = torch.tensor([5, window + 2])
+    ring = torch.zeros(2, 3, 8, 8 * nb, dtype=torch.bool)
+    ring[:, :, :7] = ((bits[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).bool().flatten(-2)
+    for b in range(2):
+        ring[b, :, :, int(first[b]) % window] = votes[b, :, 0]
+    ours = window_update(bits, votes, first, window)
+    assert torch.equal(window_counts(ours), ring.sum(-1))
+    theirs = ((ours[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).bool().flatten(-2)
+    assert torch.equal(theirs, ring)

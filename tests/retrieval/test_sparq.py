@@ -1,5 +1,5 @@
-"""SparQ Attention (arXiv 2312.04985): approximate scores, the keys read, Algorithm 1's output and the bytes read,
-against plain formulas."""
+"""SparQ Attention (arXiv 2312.04985): approximate scores, the keys read, Algorithm 1's output (in the reference
+function and in the model, mean-value term included) and the bytes read, against plain formulas."""
 
 import math
 
@@ -75,9 +75,10 @@ def test_algorithm_1_output_with_and_without_the_mean_value_reallocation():
     assert torch.allclose(ours, full.reshape(4, 8), atol=1e-5)
 
 
+@pytest.mark.parametrize("reallocate", [True, False])
 @torch.no_grad()
-def test_the_store_reads_the_brute_force_top_k_and_reports_those_bytes(tiny):
-    cache = KVCache(tiny, SparQ(budget=12, rank=4, local_share=0.25))
+def test_the_store_reads_the_brute_force_top_k_and_reports_those_bytes(tiny, reallocate):
+    cache = KVCache(tiny, SparQ(budget=12, rank=4, local_share=0.25, reallocate=reallocate))
     log = spy_select(cache)
     tiny(ids(37, seed=1), cache=cache)
     for t in range(3):
@@ -88,11 +89,54 @@ def test_the_store_reads_the_brute_force_top_k_and_reports_those_bytes(tiny):
             s_hat = plain_approx(e["q"][0, :, -1], e["k"][0], 4)
             sel = brute_force_keys(s_hat, 12, 3)  # local window round(0.25 x 12) = 3, the current key included
             assert torch.equal(e["sel"][0, :, 0], sel), (layer, T)
-            assert e["read"] == kv_bytes_of(sel, e["k"], e["v"]) + 2 * T * 4 * 4  # + H_kv x T x r channels x fp32
+            mean = 2 * (16 + 1) * 4 if reallocate else 0  # the running mean: H_kv x (D sums + 1 count) x fp32
+            assert e["read"] == kv_bytes_of(sel, e["k"], e["v"]) + 2 * T * 4 * 4 + mean  # + H_kv x T x r x fp32
+
+
+def spy_mix(cache):
+    """Record, per layer, every mix call's (step, attention output given, output returned)."""
+    log = {i: [] for i in range(len(cache.layers))}
+    for i, layer in enumerate(cache.layers):
+        def wrapped(step, out, i=i, orig=layer.store.mix):
+            mixed = orig(step, out)
+            log[i].append(dict(q=step.queries.clone(), k=step.keys.clone(), v=step.values.clone(),
+                               scaling=step.scaling, out=out.clone(), mixed=mixed.clone()))
+            return mixed
+        layer.store.mix = wrapped
+    return log
+
+
+@torch.no_grad()
+def test_the_model_runs_algorithm_1_with_the_mean_value_term(tiny):
+    """Each decoding step of each layer, against Algorithm 1 as plain formulas: attention reads the brute-force
+    top-k, then y = alpha y_k + (1 - alpha) mean(V), alpha the approximate mass of the keys read."""
+    cache = KVCache(tiny, SparQ(budget=12, rank=4))
+    log = spy_mix(cache)
+    logits = [tiny(ids(37, seed=1), cache=cache).logits[:, -1]]
+    for t in range(3):
+        logits.append(tiny(torch.tensor([[5 + t]]), cache=cache).logits[:, -1])
+    for layer in range(2):
+        assert torch.equal(log[layer][0]["mixed"], log[layer][0]["out"])  # the prompt read every key: unchanged
+        for e in log[layer][1:]:
+            q, k, v, s = e["q"][0, :, -1], e["k"][0], e["v"][0], e["scaling"]
+            s_hat = plain_approx(q, k, 4)
+            sel = brute_force_keys(s_hat, 12, 3)
+            for h in range(4):
+                g = h // 2
+                y = torch.softmax(k[g, sel[g]] @ q[h] * s, 0) @ v[g, sel[g]]
+                alpha = float(s_hat[g, h % 2][sel[g]].sum())
+                assert 0 < alpha < 1
+                assert torch.allclose(e["out"][0, h, 0], y, atol=1e-5)  # attention read exactly the top-k
+                assert torch.allclose(e["mixed"][0, h, 0], alpha * y + (1 - alpha) * v[g].mean(0), atol=1e-5)
+    plain = KVCache(tiny, SparQ(budget=12, rank=4, reallocate=False))
+    other = [tiny(ids(37, seed=1), cache=plain).logits[:, -1]]
+    for t in range(3):
+        other.append(tiny(torch.tensor([[5 + t]]), cache=plain).logits[:, -1])
+    assert torch.equal(logits[0], other[0]) and not torch.allclose(logits[1], other[1], atol=1e-4)
 
 
 def test_decoding_reads_exactly_the_selected_keys(tiny):
-    decode_reads_exactly_the_selection(tiny, SparQ(budget=10, rank=4))
+    decode_reads_exactly_the_selection(tiny, SparQ(budget=10, rank=4, reallocate=False))
 
 
 def test_a_budget_covering_every_key_is_the_full_cache(tiny):
@@ -109,7 +153,7 @@ def test_bytes_read_shrink_with_the_budget(tiny):
 
 def test_from_ratio_and_presets():
     m = SparQ.from_ratio(8)
-    assert (m.ratio, m.rank, m.local_share) == (8, None, 0.25)
+    assert (m.ratio, m.rank, m.local_share, m.reallocate) == (8, None, 0.25, True)
     assert SparQ().read_budget(torch.tensor([4000])).item() == 128  # the paper's k = 128
     assert SparQ.from_ratio(8, budget=32).ratio is None
 
@@ -121,3 +165,5 @@ def test_bad_parameters_are_rejected():
         SparQ(local_share=1.5)
     with pytest.raises(ValueError, match="ratio must be a number >= 1"):
         SparQ(ratio=0.9)
+    with pytest.raises(ValueError, match="reallocate must be a bool"):
+        SparQ(reallocate=1)
