@@ -31,7 +31,7 @@ from reference_impls.replay import record_prefill
 from reference_impls.quantization import FlexGen
 
 model, tok = load_model()
-torch.manual_seed(0)  # the random test inputs below: the same on every run
+_ = torch.manual_seed(0)  # the random test inputs below: the same on every run
 
 # %% [markdown]
 # ## A check: the prefill is exact, decoding reads the quantized cache

@@ -31,7 +31,7 @@ from reference_impls.replay import record_prefill
 from reference_impls.quantization import FP8
 
 model, tok = load_model()
-torch.manual_seed(0)  # the random test inputs below: the same on every run
+_ = torch.manual_seed(0)  # the random test inputs below: the same on every run
 
 # %% [markdown]
 # ## A check: real 1-byte storage, exact prefill

@@ -27,7 +27,7 @@ from reference_impls import Full, KVCache, load_model, run_sample
 from reference_impls.data import is_correct, passkey_samples
 
 model, tok = load_model()
-torch.manual_seed(0)  # the random test inputs below: the same on every run
+_ = torch.manual_seed(0)  # the random test inputs below: the same on every run
 cfg = model.config
 print(f"layers={cfg.num_hidden_layers} kv_heads={cfg.num_key_value_heads} head_dim={cfg.head_dim} dtype={model.dtype}")
 

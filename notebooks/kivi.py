@@ -35,7 +35,7 @@ from reference_impls.quantization import KIVI, choose_qparams, dequantize, quant
 from reference_impls.quantization.kivi import kivi_split
 
 model, tok = load_model()
-torch.manual_seed(0)  # the random test inputs below: the same on every run
+_ = torch.manual_seed(0)  # the random test inputs below: the same on every run
 
 # %% [markdown]
 # ## A check: what the cache holds after prefill and after decoding
