@@ -46,16 +46,19 @@ def keyformer_scores(q: Tensor, k: Tensor, scaling: float, mask: Optional[Tensor
     None = all); noise (B, H, q, T) Gumbel draws zeta, or None. Returns (B, H, q, T), fully masked rows 0.
     Without noise and with tau = 1 this is `base.attention_probs`, operation for operation.
     """
-    G = q.shape[1] // k.shape[1]
-    x = torch.matmul(q.float(), repeat_kv(k, G).float().transpose(-1, -2)) * scaling  # (B, H, q, T)
+    B, H, n, D = q.shape
+    H_kv, T = k.shape[1], k.shape[2]
+    G = H // H_kv
+    # the G query heads of a group against their KV head as one block: no copy of the keys per query head
+    x = torch.matmul(q.float().reshape(B, H_kv, G * n, D), k.float().transpose(-1, -2)).mul_(scaling)
+    x = x.view(B, H_kv, G, n, T)
     if noise is not None:
-        x += noise  # in place: the prefill's (B, H, T, T) is the largest tensor of the step
+        x += noise.view(B, H_kv, G, n, T)  # in place: the prefill's (B, H, T, T) is the largest tensor of the step
     if mask is not None:
-        mask = mask if mask.shape[1] == 1 else repeat_kv(mask, G)
-        x.masked_fill_(~mask, float("-inf"))  # masked keys get exactly 0, as finfo.min does there
+        x.masked_fill_(~mask[:, :, None], float("-inf"))  # masked keys get exactly 0, as finfo.min does there
     if tau != 1:
         x /= tau
-    return torch.softmax(x, dim=-1).nan_to_num_(0.0)
+    return torch.softmax(x, dim=-1).nan_to_num_(0.0).view(B, H, n, T)
 
 
 def gumbel_noise(valid: Tensor, q_real: Tensor, num_heads: int, n_real: Tensor, seed: int, layer_idx: int) -> Tensor:
