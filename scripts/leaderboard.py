@@ -31,6 +31,24 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 APART = ("quick", "passkey-")
 
 
+def read_jsonl(path: Path, required) -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line of a JSON-lines results file; a line that is not a JSON object
+    or lacks a `required` field stops the build with its file:line."""
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{i}: not a JSON object ({err.msg})") from None
+        missing = [k for k in required if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}:{i}: missing {', '.join(missing)}")
+        out.append((i, row))
+    return out
+
+
 def load_rows(folder: Path, quick: bool = False, group: str | None = None) -> list[dict]:
     """Every cell line of folder/*.jsonl, in file order (the per-sample sidecars `*.samples.jsonl` are not
     cells). `group`: only the files whose name starts with it (one of `APART`; `quick=True` is `group="quick"`),
@@ -42,16 +60,7 @@ def load_rows(folder: Path, quick: bool = False, group: str | None = None) -> li
     paths = [p for p in sorted(Path(folder).glob("*.jsonl")) if not p.name.endswith(".samples.jsonl")]
     mine = (lambda n: n.startswith(group)) if group else (lambda n: not n.startswith(APART))
     for path in (p for p in paths if mine(p.name)):
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{i}: not a JSON object ({err.msg})") from None
-            missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise ValueError(f"{path}:{i}: missing {', '.join(missing)}")
+        for i, row in read_jsonl(path, REQUIRED):
             key = (row["method"], row["target_ratio"], row["task"], row["length"], row["setting"])
             if key not in seen:
                 seen.add(key)
@@ -498,18 +507,7 @@ def load_arch_rows(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{i}: not a JSON object ({err.msg})") from None
-        missing = [k for k in ARCH_REQUIRED if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise ValueError(f"{path}:{i}: missing {', '.join(missing)}")
-        rows.append(dict(row, source=f"{path.name}:{i}"))
+    rows = [dict(row, source=f"{path.name}:{i}") for i, row in read_jsonl(path, ARCH_REQUIRED)]
     return rows
 
 
