@@ -35,6 +35,7 @@ sequence length (the integration module's cache reports tokens *seen*, not token
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -70,8 +71,9 @@ def attention_probs(q: Tensor, k: Tensor, mask: Optional[Tensor], scaling: float
     logits = logits.view(B, H_kv, G, n, T)
     if bias is not None:
         logits += bias.float()[:, :, None, None, :]
-    if mask is not None:  # in place: a 1.5k-token prefill's logits are 9 x 1500 x 1500 per layer
-        logits.masked_fill_(~mask[:, :, None], float("-inf"))
+    if mask is None:  # every key visible: no row can be all -inf
+        return torch.softmax(logits, dim=-1).view(B, H, n, T)
+    logits.masked_fill_(~mask[:, :, None], float("-inf"))  # in place: a 1.5k-token prefill's logits are 9 x 1500 x 1500 per layer
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(B, H, n, T)
 
 
@@ -151,6 +153,9 @@ class Step:
     #: block's norm) and its attention block's output (after o_proj, before the residual add). Only in the steps of
     #: `Model.trace`; None in a cache's steps.
     hidden: Optional[tuple[Tensor, Tensor]] = None
+    #: every query sees every key (no holes, no padding, one query: a decoding step after uniform eviction or none),
+    #: so `mask` is all True and `attn_mask` is None; set by the integration module, never by a method
+    all_visible: bool = False
     _mask: Optional[Tensor] = field(default=None, repr=False)
     _probs: Optional[Tensor] = field(default=None, repr=False)
 
@@ -170,9 +175,9 @@ class Step:
     def q_len(self) -> int:
         return self.queries.shape[2]
 
-    @property
+    @functools.cached_property
     def valid(self) -> Tensor:
-        """(B, H_kv, T) bool: a real token (not padding, not an empty slot)."""
+        """(B, H_kv, T) bool: a real token (not padding, not an empty slot). Computed once."""
         return self.positions >= 0
 
     @property
@@ -188,16 +193,27 @@ class Step:
     def mask(self) -> Tensor:
         """(B, H_kv, q, T) bool, True where the query saw the key: causal by position, real keys only; a padding
         query sees nothing (so its attention weights are 0 and it votes for nothing). Built once, on demand."""
-        if self._mask is None:
+        if self._mask is None and self.all_visible:
+            self._mask = torch.ones(*self.keys.shape[:2], self.q_len, self.keys.shape[2], dtype=torch.bool,
+                                    device=self.keys.device)
+        elif self._mask is None and self.q_len == 1:  # one query, the last (always real), after every held key
+            self._mask = self.valid[:, :, None, :]
+        elif self._mask is None:
             qp = self.q_positions[:, None, :, None]
             self._mask = (self.positions[:, :, None, :] <= qp) & self.valid[:, :, None, :] & (qp >= 0)
         return self._mask
+
+    @property
+    def attn_mask(self) -> Optional[Tensor]:
+        """`mask`, or None when every query sees every key (`all_visible`): what to hand `attention_probs` (or any
+        attention of a method's own), which then skips the masking, at every decoding step of every layer."""
+        return None if self.all_visible else self.mask
 
     def probs(self) -> Tensor:
         """(B, H, q, T) attention weights of this step (fp32), computed once on demand. Read-only: a replayed
         prefill shares them between every method compressing from it."""
         if self._probs is None:
-            self._probs = attention_probs(self.queries, self.keys, self.mask, self.scaling, self.bias)
+            self._probs = attention_probs(self.queries, self.keys, self.attn_mask, self.scaling, self.bias)
         return self._probs
 
     def last(self, n: int) -> "Step":

@@ -219,9 +219,11 @@ class KVCache(Cache):
         # over held keys without holes (decoding after uniform eviction); both without padding
         dense = selected is None and step.bias is None and self._slot_pos is None and (
             slots is None or (q_len == 1 and bool((slots >= 0).all())))
-        if dense and q_len == 1:  # one query that sees every held key: its mask is all True, no need to build it
-            step._mask = torch.ones(B, H_kv, 1, T, dtype=torch.bool, device=k.device)
-        out = _sdpa(query, k, v, None if dense else _attention_mask(step), scaling)  # (B, q, H, D)
+        step.all_visible = dense and q_len == 1  # one query that sees every held key: no mask to build or apply
+        # a real query that sees at least itself needs no guard against an all-masked row (`_attention_mask`)
+        mask = None if dense else step.mask if q_len == 1 and selected is None and step.bias is None else \
+            _attention_mask(step)
+        out = _sdpa(query, k, v, mask, scaling)  # (B, q, H, D)
         out = layer.store.mix(step, out.transpose(1, 2)).transpose(1, 2)  # a view both ways when unchanged
         layer.store.after_attention(step)
         if layer_idx == self.num_layers - 1 and self.compress_next:

@@ -23,7 +23,8 @@ Budgets count real tokens: with left padding each row keeps round(n_real / ratio
 alone in the batch. When rows or heads keep different numbers of tokens (Adaptive heads, padded batches) the
 store holds them flat, head after head (varlen, as the official Ada-KV code does for flash-attn's varlen
 kernel), plus one count per head; the padded view that attention needs, with empty slots (slot -1) masked
-out, exists only while a step runs. So measured bytes are the kept tokens' bytes.
+out, exists only while a step runs. Tokens decoded after that reach every head, so they are held apart, in a dense
+tail, instead of rebuilding the flat part at every step. So measured bytes are the kept tokens' bytes.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def keep_top(scores: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(hole, 0, order), hole
 
 
+_NO_HOLE = torch.zeros((), dtype=torch.bool)
+
+
 def drop_lowest(scores: Tensor) -> Optional[Tensor]:
     """Indices (B, H_kv, T - 1) of every key but each head's lowest score, in time order; None if a head's lowest
     score is tied.
@@ -87,11 +91,11 @@ def drop_lowest(scores: Tensor) -> Optional[Tensor]:
     partial selection instead of a top-k and a sort over the whole cache, at every decoding step of every layer.
     """
     T = scores.shape[-1]
-    low = scores.topk(min(T, 2), dim=-1, largest=False)  # (B, H_kv, 2), the lowest first
-    if T > 1 and not bool((low.values[..., 1] > low.values[..., 0]).all()):
+    values, low = scores.topk(min(T, 2), dim=-1, largest=False)  # (B, H_kv, 2), the lowest first
+    if T > 1 and not bool(values.diff(dim=-1).gt(0).all()):
         return None
     keep = torch.arange(T - 1, device=scores.device)
-    return keep + (keep >= low.indices[..., :1])  # skip the dropped index
+    return keep + (keep >= low[..., :1])  # skip the dropped index
 
 
 def evicted(step: Step, idx: Tensor, hole: Tensor) -> Tensor:
@@ -194,9 +198,20 @@ class EvictingStore(DenseStore):
         # head after them, where `append` writes the next token in place instead of concatenating (allocation
         # slack, like a list's capacity: nbytes counts the views, the kept tokens)
         self.spare: Optional[tuple[Tensor, ...]] = None
+        # while held flat without a statistic: the tokens decoded since (k, v, slots), (B, H_kv, t, ...), every head
+        # the same; they join each head's run in the padded view, so the flat part is not rebuilt every step
+        self.tail: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self._rows: Optional[tuple] = None  # (counts, head of each flat row, its index in the head), see `_view`
+        self._offsets, self._T = None, 0  # the steady state's first row of each head, for a cache of T rows per head
 
     def append(self, k: Tensor, v: Tensor):
         q = k.shape[2]
+        if self.counts is not None and self.history is None:  # held flat: decoded tokens go to the tail, see `_view`
+            new = torch.arange(self.seen, self.seen + q, device=k.device, dtype=self.slots.dtype)
+            new = (k, v, new.expand(*k.shape[:2], q))
+            self.tail = new if self.tail is None else tuple(torch.cat(ab, dim=2) for ab in zip(self.tail, new))
+            self.seen += q
+            return self._view(q)
         if self.counts is not None:
             self._unflatten()
         spare, self.spare = self.spare, None
@@ -215,7 +230,7 @@ class EvictingStore(DenseStore):
 
     def kept_slots(self) -> Optional[Tensor]:
         if self.counts is not None:
-            return self._padded(self.slots, -1).long()
+            return self._view(0, slots_only=True).long()
         return None if self.slots is None else self.slots.long()
 
     def _held_rows(self) -> tuple[tuple[int, ...], Tensor]:
@@ -230,11 +245,47 @@ class EvictingStore(DenseStore):
         out.view(-1, *flat.shape[1:]).index_copy_(0, rows, flat)  # whole rows (boolean indexing: per element)
         return out
 
-    def _unflatten(self) -> None:
-        held = self._held_rows()
-        self.k, self.v = self._padded(self.k, 0, held), self._padded(self.v, 0, held)
-        self.slots = self._padded(self.slots, -1, held)
-        if self.history is not None:
+    def _view(self, q: int, slots_only: bool = False):
+        """While held flat: the padded (k, v, slots) of the held tokens (just slots if `slots_only`), each head's
+        flat run, then its tail but the last q tokens, then empty slots, then the last q (this step's, which a
+        concatenation puts last). The layout a step-by-step unflatten, append and flatten gives, so logits are
+        unchanged, bit for bit; built with one `index_copy_` per part (whole rows) from the flat and the tail."""
+        if self._rows is None or self._rows[0] is not self.counts:
+            keep = torch.arange(int(self.counts.max()), device=self.counts.device) < self.counts[..., None]
+            head, within = keep.view(-1, keep.shape[-1]).nonzero().unbind(1)  # flat row -> (its head, index in it)
+            self._rows = (self.counts, head, within)
+        _, head, within = self._rows
+        t = 0 if self.tail is None else self.tail[0].shape[2]
+        BH, W = self.counts.numel(), int(self.counts.max()) + t  # the widest head's run, its tail included
+        starts = torch.arange(0, BH * W, W, device=head.device)  # (B H_kv,) first row of each head
+        parts = [(head * W + within, self.slots if slots_only else (self.k, self.v, self.slots))]
+        if t:  # the tail's first t - q after each head's run, the last q at the end of the row
+            at = torch.cat([self.counts.view(-1, 1) + torch.arange(t - q, device=head.device),
+                            torch.arange(W - q, W, device=head.device).expand(BH, q)], dim=1)
+            tail = self.tail[2] if slots_only else self.tail
+            parts.append(((starts[:, None] + at).view(-1), tail))
+        shape = (*self.counts.shape, W)
+        outs = []
+        for i, (fill, row_dim) in enumerate(((-1, 0),) if slots_only else ((0, 1), (0, 1), (-1, 0))):
+            ref = parts[0][1] if slots_only else parts[0][1][i]
+            out = ref.new_full((*shape, *ref.shape[1:]), fill)
+            flat_out = out.view(-1, *ref.shape[1:])
+            for rows, src in parts:
+                src = src if slots_only else src[i]
+                flat_out.index_copy_(0, rows, src.reshape(-1, *ref.shape[1:]))
+            outs.append(out)
+        return outs[0] if slots_only else (outs[0], outs[1], outs[2].long())
+
+    def _unflatten(self, q: int = 0) -> None:
+        """Back to the padded layout; with a tail, the one the last step saw (q: its new tokens, see `_view`)."""
+        if self.tail is not None or self.history is None:  # (a statistic held flat comes without a tail)
+            self.k, self.v, slots = self._view(q)
+            self.slots = slots.to(torch.int32)
+            self.tail = None
+        else:
+            held = self._held_rows()
+            self.k, self.v = self._padded(self.k, 0, held), self._padded(self.v, 0, held)
+            self.slots = self._padded(self.slots, -1, held)
             self.history = self._padded(self.history, 0, held)
         self.counts = None
 
@@ -251,7 +302,7 @@ class EvictingStore(DenseStore):
 
     def after_attention(self, step: Step) -> None:
         self.evict(step)
-        if self.slots is not None and self.varlen and not self.tight:  # tight: no holes, nothing to flatten
+        if self.slots is not None and self.varlen and not self.tight and self.counts is None:  # tight: no holes
             self._flatten()
 
     def evict(self, step: Step) -> Optional[tuple[Tensor, Tensor]]:
@@ -259,6 +310,8 @@ class EvictingStore(DenseStore):
         (idx, hole) (B, H_kv, W): the index into `step.keys` of each kept token, True at empty slots."""
         m = self.method
         history = self.history = m.observe(step, self.history)
+        if history is not None and self.tail is not None:  # a statistic, aligned with the padded step: hold that
+            self._unflatten(step.q_len)
         if step.compress:
             n = step.n_real()
             uniform = torch.full_like(n, m.budget) if m.budget is not None else (n.double() / m.ratio).round().long()
@@ -272,9 +325,12 @@ class EvictingStore(DenseStore):
         scores = m.score(step, history, self.row_budget).float() if steady else None
         idx = None if scores is None else drop_lowest(scores)
         if idx is not None:
-            hole = torch.zeros_like(idx, dtype=torch.bool)
+            B, H, T = self.slots.shape
+            hole = _NO_HOLE.to(idx.device).expand_as(idx)
             spare = F.pad(idx, (0, 1))  # + one spare row per head (a copy of row 0) for the next token, see `append`
-            rows = row_index(spare, self.k.shape[2])
+            if self._offsets is None or self._offsets.shape[1] != H or self._offsets.shape[0] != B or self._T != T:
+                self._offsets, self._T = torch.arange(0, B * H * T, T, device=idx.device).view(B, H, 1), T
+            rows = (spare + self._offsets).view(-1)  # `row_index`, its offsets made once
             buffers = take_rows(self.k, spare, rows), take_rows(self.v, spare, rows), take_rows(self.slots, spare)
             k, v, slots = (x[:, :, :-1] for x in buffers)
             k2, v2 = m.merge(step, history, idx, hole, k, v)  # merging methods fold the evicted in
@@ -285,6 +341,8 @@ class EvictingStore(DenseStore):
             return idx, hole
         # the general case (and a tie for the lowest score, which `keep_top` decides as it always did)
         self.tight = False
+        if self.counts is not None:  # held flat: gather from the padded layout the step saw
+            self._unflatten(step.q_len)
         valid = step.valid
         n_valid = valid.sum(-1)  # (B, H_kv)
         if m.heads.budgeted and bool((n_valid <= self.row_budget[:, None]).all()) and bool(valid.all()):
@@ -316,4 +374,4 @@ class EvictingStore(DenseStore):
             self.history = take_rows(self.history, idx).masked_fill(hole.view(*hole.shape, *tail), 0)
 
     def nbytes(self) -> int:
-        return super().nbytes() + nbytes(self.slots, self.history, self.counts)
+        return super().nbytes() + nbytes(self.slots, self.history, self.counts, self.tail)

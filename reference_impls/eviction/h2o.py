@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from reference_impls.base import Step
@@ -44,7 +43,9 @@ def h2o_accumulate(acc: Optional[Tensor], probs: Tensor, num_kv_heads: int, q_re
         probs = probs * q_real[:, None, :, None]
     new = probs.sum(dim=2)  # (B, H, T): the official `attn_score_cache.sum(0).sum(1)`, kept per batch row
     new = new.view(B, num_kv_heads, H // num_kv_heads, T).mean(dim=2)  # GQA: mean over the group (kvpress)
-    return new if acc is None else new + F.pad(acc, (0, T - acc.shape[2]))  # new keys start at 0
+    if acc is not None:  # new keys start at 0: only the held ones add their totals (in place, no padded copy)
+        new[..., : acc.shape[2]] += acc
+    return new
 
 
 def h2o_scores(acc: Tensor, positions: Tensor, n_real: Tensor, n_recent: Tensor) -> Tensor:
@@ -55,7 +56,7 @@ def h2o_scores(acc: Tensor, positions: Tensor, n_real: Tensor, n_recent: Tensor)
     """
     recent = positions >= (n_real - n_recent)[:, None, None]
     top = acc.max() + 1  # every recent token outranks every heavy hitter; accumulated attention is >= 0
-    return torch.where(recent, top + positions.to(acc.dtype), acc).masked_fill(positions < 0, float("-inf"))
+    return torch.where(recent, top + positions, acc).masked_fill(positions < 0, float("-inf"))  # top's float dtype
 
 
 @dataclass
@@ -80,8 +81,9 @@ class H2O(EvictionMethod):
 
     def observe(self, step: Step, history: Optional[Tensor]) -> Tensor:
         """The accumulated attention of every held key, this step's queries included (Alg. 1)."""
-        # padding queries see nothing in step.mask, so their attention rows are 0: they vote for nothing
-        return h2o_accumulate(history, step.probs(), step.keys.shape[1]).masked_fill(~step.valid, 0.0)
+        # padding queries see nothing in step.mask, so their attention rows are 0: they vote for nothing; holes and
+        # padding keys are seen by no query and held at 0 by the store, so their totals stay 0
+        return h2o_accumulate(history, step.probs(), step.keys.shape[1])
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         n_recent = budget - (budget.double() * self.heavy_fraction).round().long()  # budget fixed at compression

@@ -58,7 +58,8 @@ def keyformer_scores(q: Tensor, k: Tensor, scaling: float, mask: Optional[Tensor
         x.masked_fill_(~mask[:, :, None], float("-inf"))  # masked keys get exactly 0, as finfo.min does there
     if tau != 1:
         x /= tau
-    return torch.softmax(x, dim=-1).nan_to_num_(0.0).view(B, H, n, T)
+    p = torch.softmax(x, dim=-1)
+    return (p if mask is None else p.nan_to_num_(0.0)).view(B, H, n, T)  # only a masked row can be all -inf
 
 
 def gumbel_noise(valid: Tensor, q_real: Tensor, num_heads: int, n_real: Tensor, seed: int, layer_idx: int) -> Tensor:
@@ -138,8 +139,8 @@ class Keyformer(EvictionMethod):
         noise = None
         if self.gumbel:
             noise = gumbel_noise(step.valid, step.q_real, step.queries.shape[1], step.n_real(), self.seed, step.layer_idx)
-        f = keyformer_scores(step.queries, step.keys, step.scaling, step.mask, tau=self.tau(t), noise=noise)
-        return h2o_accumulate(history, f, H_kv).masked_fill(~step.valid, 0.0)
+        f = keyformer_scores(step.queries, step.keys, step.scaling, step.attn_mask, tau=self.tau(t), noise=noise)
+        return h2o_accumulate(history, f, H_kv)  # masked keys get 0, so holes stay 0 (as in H2O)
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         # floor like the official int(req * recent / 100); the epsilon keeps e.g. 0.29 * 100 from flooring to 28

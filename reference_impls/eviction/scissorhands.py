@@ -15,14 +15,14 @@ Deviations: (1) GQA: the paper is multi-head; a query's vote uses the attention 
 of its group (as H2O here), which is itself a distribution over the keys, so 1/n stays its uniform average.
 (2) Threshold 1/n with n the keys that query actually attended (the uniform average of its softmax): equal to
 1/t (the paper's average, as summarised) without eviction, larger once the cache holds fewer than t tokens.
-(3) The prompt is cut to the budget at the compressing pass using the votes of its last w queries only, so a
-token far from the end is never judged by its neighbours (in Algorithm 1 every token is judged soon after it
-arrives); afterwards every decoded token evicts one token (m = 1), so memory stays flat at B (the paper drops
-m tokens whenever the cache fills). (4) Budget =
-round(n / ratio) tokens per head at the compressing pass (or `budget`), then fixed; w = 100 and r = 10 follow
-the official script. (5) Votes are exact over the window: each key keeps one bit per window query in a ring
-(query at stream index s in bit s mod w), ceil(w/8) bytes per key and head, counted in nbytes. (6) Ties between equal
-counts (small integers) go to the more recent token, so the choice is deterministic and padding-independent.
+(3) The prompt is cut to the budget at the compressing pass using the votes of its last w queries only, so a token
+far from the end is never judged by its neighbours (in Algorithm 1 every token is judged soon after it arrives);
+afterwards every decoded token evicts one token (m = 1), so memory stays flat at B (the paper drops m tokens
+whenever the cache fills). (4) Budget = round(n / ratio) tokens per head at the compressing pass (or `budget`), then
+fixed; w = 100 and r = 10 follow the official script. (5) Votes are exact over the window: each key keeps one bit
+per window query in a ring (query at stream index s in bit s mod w), ceil(w/8) bytes per key and head, counted in
+nbytes. (6) Ties between equal counts (small integers) go to the more recent token, so the choice is deterministic
+and padding-independent.
 """
 
 from __future__ import annotations
@@ -39,15 +39,16 @@ from reference_impls.eviction.base import EvictionMethod
 __all__ = ["Scissorhands", "scissorhands_scores", "unimportant_votes", "window_counts", "window_update"]
 
 
-def unimportant_votes(q: Tensor, k: Tensor, allowed: Tensor, scaling: float) -> Tensor:
+def unimportant_votes(q: Tensor, k: Tensor, allowed: Optional[Tensor], scaling: float) -> Tensor:
     """Which keys each query found unimportant: group-mean attention below the uniform average 1/n.
 
     q (B, H, n, D) the window's queries; k (B, H_kv, T, D); allowed (B, H_kv, n, T) bool, the keys each query
-    attended. Returns (B, H_kv, n, T) bool, False where not allowed (a key a query never saw gets no vote).
+    attended (None: all, `Step.attn_mask`). Returns (B, H_kv, n, T) bool, False where not allowed (no vote).
     """
     B, H, n, _ = q.shape
-    H_kv = k.shape[1]
-    p = attention_probs(q, k, allowed, scaling).view(B, H_kv, H // H_kv, n, -1).mean(2)  # GQA: group mean
+    p = attention_probs(q, k, allowed, scaling).view(B, k.shape[1], H // k.shape[1], n, -1).mean(2)  # GQA: group mean
+    if allowed is None:  # every key seen: the uniform average is 1 / T
+        return p < 1.0 / k.shape[2]
     uniform = 1.0 / allowed.sum(-1, keepdim=True).clamp(min=1)  # (B, H_kv, n, 1)
     return allowed & (p < uniform)
 
@@ -142,7 +143,7 @@ class Scissorhands(EvictionMethod):
     def observe(self, step: Step, history: Optional[Tensor]) -> Tensor:
         """Each held key's ring of votes, this step's last min(q, w) queries written in (older ones left the window)."""
         obs = step.last(self.history_window)  # a padding query sees nothing, so it votes for nothing
-        votes = unimportant_votes(obs.queries, step.keys, obs.mask, step.scaling)
+        votes = unimportant_votes(obs.queries, step.keys, obs.attn_mask, step.scaling)
         # a query's ring slot is its position in its row (a padding query's is below 0 and holds no vote)
         return window_update(history, votes, obs.q_positions[:, -1] - (obs.q_len - 1), self.history_window)
 

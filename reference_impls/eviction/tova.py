@@ -50,4 +50,4 @@ class TOVA(EvictionMethod):
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         last = step.last(1)  # under left padding the last query is real
-        return tova_scores(last.queries, step.keys, step.scaling, last.mask)
+        return tova_scores(last.queries, step.keys, step.scaling, last.attn_mask)

@@ -92,6 +92,7 @@ class RazorStore(SplitStore):
 
     def append(self, k: Tensor, v: Tensor):
         kk, vv, slots = super().append(k, v)
+        self.width = kk.shape[2]  # the held keys' padded width, which the logit bias spans
         if self.comp is None:
             return kk, vv, slots
         k_hat, v_hat, _, slot = self.comp
@@ -101,7 +102,7 @@ class RazorStore(SplitStore):
         if self.comp is None:
             return None
         log_n = self.comp[2]  # Eq. (5): the compensation token weighs as n_d copies; the kept keys as themselves
-        return torch.cat([log_n[..., None], log_n.new_zeros(*log_n.shape, self.k.shape[2])], -1)
+        return torch.cat([log_n[..., None], log_n.new_zeros(*log_n.shape, self.width)], -1)
 
     def evict(self, step: Step):
         if self.comp is not None and step.compress:

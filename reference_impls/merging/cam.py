@@ -145,7 +145,7 @@ class CaM(EvictionMethod):
 
     def observe(self, step: Step, history: Optional[Tensor]) -> Tensor:
         """The attention each held key has received so far (merge probabilities; H2O's score)."""
-        return h2o_accumulate(history, step.probs(), step.keys.shape[1]).masked_fill(~step.valid, 0.0)
+        return h2o_accumulate(history, step.probs(), step.keys.shape[1])  # holes stay 0, as in H2O
 
     def score(self, step: Step, history: Optional[Tensor], budget: Tensor) -> Tensor:
         if self.base == "streamingllm":
