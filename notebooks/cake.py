@@ -126,3 +126,14 @@ plt.xlabel("layers prefilled"); plt.ylabel("tokens held per head"); plt.legend()
 # | observation | layers differ in spatial dispersion and temporal shift, so they deserve different budgets (abstract; the official README's attention-pattern figure) | one prompt: the preference of the most demanding layer is 22x that of the least; CAKE's x4 budgets run from 58 tokens (layer 0) to 599 (layer 23), 128 on average in layers 0-9 against 375 in layers 20-29: on this model they grow with depth, the opposite of PyramidKV's schedule |
 # | cascade | memory constraints managed in a cascading manner while prefilling (abstract) | measured above: with the cascade the layers prefilled so far never hold more than 30 x b tokens per head (peak = budget = 7470); waiting for the last layer peaks at 28855 |
 # | result | performance maintained with 3.2% of the KV cache; over 10x faster decoding at 128K tokens (abstract) | not measured here: on ~1k-token passkey prompts this 135M model loses the passkey's digits at x2 under CAKE, SnapKV and PyramidKV alike (checked while writing this notebook), so the task cannot rank them; speed is not comparable on this CPU |
+
+# %% [markdown]
+# ## On the benchmark
+# `kvatlas bench` ran it with every other family's methods on the passkey set: 30 prompts of ~1k tokens per cell,
+# bf16, both settings, targets 2x, 4x and 8x against the 16-bit cache (`results/bench/passkey-families-30.jsonl`,
+# the leaderboard's cells). Achieved ratios are measured from the held tensors.
+
+# %%
+from reference_impls.report import show_bench  # noqa: E402
+
+_ = show_bench("cake")

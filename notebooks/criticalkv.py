@@ -154,3 +154,14 @@ for b in BASES:
 # |---|---|---|
 # | observation | the output perturbation after eviction depends on the projected value norms as well as on attention; the two-stage selection gives lower output perturbation in over 92% of the attention heads of a Llama model (abstract, v1) | not reproduced at that scale: CriticalKV perturbs the projected output less than SnapKV alone in 32-46% of the (layer, head, prompt) cases with kvpress's pooled SnapKV (more in 52-64%), in 46-57% without pooling (more in 40-44%); the total perturbation moves by -5% to +5%. Two prompts, 30 layers x 9 heads each, GQA (3 query heads share a choice) |
 # | quality | integrated with three eviction methods on three LLMs, more than halves the compression loss on average over 29 Ruler and LongBench datasets (abstract, v2) | NLL of the full cache's answer tokens: 2.002 vs 2.136 (4x) and 2.465 vs 2.505 (8x) for CriticalKV vs SnapKV with pooling, 2.390 vs 2.360 and 2.595 vs 2.611 without; two prompts, not a benchmark |
+
+# %% [markdown]
+# ## On the benchmark
+# `kvatlas bench` ran it with every other family's methods on the passkey set: 30 prompts of ~1k tokens per cell,
+# bf16, both settings, targets 2x, 4x and 8x against the 16-bit cache (`results/bench/passkey-families-30.jsonl`,
+# the leaderboard's cells). Achieved ratios are measured from the held tensors.
+
+# %%
+from reference_impls.report import show_bench  # noqa: E402
+
+_ = show_bench("criticalkv")

@@ -124,3 +124,14 @@ for name in METHODS:
 # | layers | attention density differs across layers, so uniform budgets misallocate; D2O gives dense layers more | sigma ranges 0.24-0.61 across layers with nearly the same profile for the three prompts (mean difference 0.02); our causal budgets follow it (correlation -0.91) and change the KL little (0.477 vs 0.480 at 4x) |
 # | tokens | merging similar evicted tokens recovers information eviction loses; more than 3x throughput on long-text generation (abstract) | merging raises the next-token KL from the full cache: 0.11 to 0.12 at 2x, 0.32 to 0.48 at 4x, 0.37 to 0.64 at 8x ("D2O, no merging" against "D2O, uniform layers"; the eviction alone matches H2O); most evicted keys are close to a kept one (the EMA thresholds sit near 0.8-0.9), so many merge, and each moves its kept key and value by a weight comparable to the kept token's own (e^u against e) |
 # | allocation | all layers' densities known before allocating (first decoding step) | allocated layer by layer during the prefill, normalised on the layers seen so far; the total equals the uniform budget |
+
+# %% [markdown]
+# ## On the benchmark
+# `kvatlas bench` ran it with every other family's methods on the passkey set: 30 prompts of ~1k tokens per cell,
+# bf16, both settings, targets 2x, 4x and 8x against the 16-bit cache (`results/bench/passkey-families-30.jsonl`,
+# the leaderboard's cells). Achieved ratios are measured from the held tensors.
+
+# %%
+from reference_impls.report import show_bench  # noqa: E402
+
+_ = show_bench("d2o")

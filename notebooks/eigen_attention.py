@@ -138,3 +138,14 @@ for name, method in configs.items():
 # | compression | up to 40% smaller KV cache with a minimal drop in performance (Abstract) | at the paper's setting (1.67x, latents 0.59 of the full cache) and at 2x the passkeys are lost on this small model although keys keep 21.5 and 14.0 of 64 dims on average and values 54.4 and 50.0: its values are far from low rank; a 0.99 threshold (1.26x) answers two of the three passkeys and drops one digit of the third |
 # | latency | up to 60% lower attention latency (Abstract) | not measured: we rebuild keys and values in PyTorch rather than attend in the r-dim space |
 # | rank choice | a per-layer threshold lowered until the layer's output error exceeds a budget | one threshold for every layer, K and V, from a byte target (or fixed); no error budget (the layer's forward is outside the interface) |
+
+# %% [markdown]
+# ## On the benchmark
+# `kvatlas bench` ran it with every other family's methods on the passkey set: 30 prompts of ~1k tokens per cell,
+# bf16, both settings, targets 2x, 4x and 8x against the 16-bit cache (`results/bench/passkey-families-30.jsonl`,
+# the leaderboard's cells). Achieved ratios are measured from the held tensors.
+
+# %%
+from reference_impls.report import show_bench  # noqa: E402
+
+_ = show_bench("eigen-attention")

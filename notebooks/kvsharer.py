@@ -121,3 +121,14 @@ for r in (4 / 3, 2):
 # | ranking | sharing the most dissimilar layers keeps performance better than sharing similar ones (the paper's central, counter-intuitive finding) | mixed: with 15 shared layers dissimilar-first keeps the higher last-hidden cosine (0.616 vs 0.481), and with 8 it keeps 2/3 passkeys where similar-first keeps 0/3, but with 8 the similar-first plan keeps the higher cosine (0.900 vs 0.711); the closest pairs by Euclidean distance all involve layer 0 |
 # | check | the shared model's last hidden state must keep a cosine above T with the full model's (official notebook: T = 0.5) | our proxy (summed attention outputs) does not track the real cosine: pessimistic for dissimilar-first plans (0.51 vs 0.711 with 8 shared, 0.50 vs 0.616 with 15), optimistic for similar-first ones (0.99 vs 0.900, 0.98 vs 0.481): it ignores MLPs and the change of later layers' inputs |
 # | compression | 25% of layers shared keeps most of the score (Llama2-7B: 45.58 vs 46.55 average, Table 1); 30% less KV computation, >= 1.3x faster generation (abstract) | 8 of 30 layers shared at 4/3 (the cache holds 22/30); only the dissimilar-first plan at 4/3 keeps passkeys (2/3), every other plan above loses all three; speed not measured |
+
+# %% [markdown]
+# ## On the benchmark
+# `kvatlas bench` ran it with every other family's methods on the passkey set: 30 prompts of ~1k tokens per cell,
+# bf16, both settings, targets 2x, 4x and 8x against the 16-bit cache (`results/bench/passkey-families-30.jsonl`,
+# the leaderboard's cells). Achieved ratios are measured from the held tensors.
+
+# %%
+from reference_impls.report import show_bench  # noqa: E402
+
+_ = show_bench("kvsharer")

@@ -168,3 +168,14 @@ print("passkeys:", [s["answer"] for s in samples])
 # The scores come from one 1024-token calibration text (the paper and the toolkit use 2500 random tokens repeated
 # four times); $N_0 = 4$ and $S_0 = 16$ are ours for short prompts, and the ratio picks $C$ (see the module's
 # Deviations).
+
+# %% [markdown]
+# ## On the benchmark
+# `kvatlas bench` ran it with every other family's methods on the passkey set: 30 prompts of ~1k tokens per cell,
+# bf16, both settings, targets 2x, 4x and 8x against the 16-bit cache (`results/bench/passkey-families-30.jsonl`,
+# the leaderboard's cells). Achieved ratios are measured from the held tensors.
+
+# %%
+from reference_impls.report import show_bench  # noqa: E402
+
+_ = show_bench("razorattention")

@@ -113,3 +113,14 @@ for r in summarize(res):
 # | observation | layers differ in how much attention changes the tokens (abstract); the official README expects the reduced group ("class 3") to be "probably" the second half of the layers, and its overview figure draws the first layers and the last one with the larger budgets | SmolLM2's attention changes the tokens most in layer 0, then layers 1 and 24; k-means puts the other 27 layers in the least-changed group, the same groups for all 3 prompts (printed above): a lopsided split, not halves |
 # | allocation | 3 k-means groups; the reduced group keeps p of the budget (README examples: 0.08/0.21 ≈ 0.38 for Mistral-7B on samsum, 0.25/0.4 for Llama-2-7B-32K on xsum) | p = 0.38; the 3 important layers would get more than the whole prompt, so they keep all of it and the excess returns to the 27 others (budgets printed above); the total equals uniform eviction's (checked above) |
 # | result | 30-70% KV memory reduction and up to 2.2x throughput across models and benchmarks (abstract) | at equal memory the layer budgets hurt H2O here: 2/3 vs 3/3 passkeys at 4x, 0/3 vs 2/3 at 8x (3 prompts, query-aware; a smoke test, not a benchmark), with 27 layers squeezed below b |
+
+# %% [markdown]
+# ## On the benchmark
+# `kvatlas bench` ran it with every other family's methods on the passkey set: 30 prompts of ~1k tokens per cell,
+# bf16, both settings, targets 2x, 4x and 8x against the 16-bit cache (`results/bench/passkey-families-30.jsonl`,
+# the leaderboard's cells). Achieved ratios are measured from the held tensors.
+
+# %%
+from reference_impls.report import show_bench  # noqa: E402
+
+_ = show_bench("squeezeattention")
