@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
+from reference_impls.bench.readers import json_lines
+
 __all__ = ["show_bench", "show_evidence"]
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +63,7 @@ def show_bench(method: str, path: Union[str, Path] = "results/bench/passkey-fami
     Returns the method's rows ([] with a message when the file or the method's cells are missing).
     """
     p = _find(path)
-    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    rows = [row for _, row in json_lines(p, "cells")] if p.exists() else []
     mine = sorted((r for r in rows if r["method"] == method), key=lambda r: (r["setting"], r["target_ratio"]))
     if not mine:
         print(f"no cells of {method} in {path}: run kvatlas bench --methods {method} --tasks passkey --output {path}")

@@ -79,9 +79,6 @@ def keep_top(scores: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(hole, 0, order), hole
 
 
-_NO_HOLE = torch.zeros((), dtype=torch.bool)
-
-
 def drop_lowest(scores: Tensor) -> Optional[Tensor]:
     """Indices (B, H_kv, T - 1) of every key but each head's lowest score, in time order; None if a head's lowest
     score is tied.
@@ -201,8 +198,7 @@ class EvictingStore(DenseStore):
         # while held flat without a statistic: the tokens decoded since (k, v, slots), (B, H_kv, t, ...), every head
         # the same; they join each head's run in the padded view, so the flat part is not rebuilt every step
         self.tail: Optional[tuple[Tensor, Tensor, Tensor]] = None
-        self._rows: Optional[tuple] = None  # (counts, head of each flat row, its index in the head), see `_view`
-        self._offsets, self._T = None, 0  # the steady state's first row of each head, for a cache of T rows per head
+        self._rows: Optional[tuple] = None  # (counts, head of each flat row, its index in the head), see `_held_rows`
 
     def append(self, k: Tensor, v: Tensor):
         q = k.shape[2]
@@ -233,10 +229,16 @@ class EvictingStore(DenseStore):
             return self._view(0, slots_only=True).long()
         return None if self.slots is None else self.slots.long()
 
-    def _held_rows(self) -> tuple[tuple[int, ...], Tensor]:
-        """While held flat: the padded shape (B, H_kv, W) and, in it, the flat row of each held token (N,)."""
-        keep = torch.arange(int(self.counts.max()), device=self.counts.device) < self.counts[..., None]
-        return tuple(keep.shape), keep.view(-1).nonzero().squeeze(1)
+    def _held_rows(self, extra: int = 0) -> tuple[tuple[int, ...], Tensor]:
+        """While held flat: the padded shape (B, H_kv, W), W = the widest head's count + `extra` slots, and, in it,
+        the flat row of each held token (N,). Each token's (head, index in it) is kept while the counts stay."""
+        if self._rows is None or self._rows[0] is not self.counts:
+            keep = torch.arange(int(self.counts.max()), device=self.counts.device) < self.counts[..., None]
+            head, within = keep.view(-1, keep.shape[-1]).nonzero().unbind(1)
+            self._rows = (self.counts, head, within)
+        _, head, within = self._rows
+        W = int(self.counts.max()) + extra
+        return (*self.counts.shape, W), head * W + within
 
     def _padded(self, flat: Tensor, fill, held: Optional[tuple] = None) -> Tensor:
         """(N, ...) held head after head -> (B, H_kv, W, ...), each head's tokens first, `fill` after."""
@@ -250,30 +252,17 @@ class EvictingStore(DenseStore):
         flat run, then its tail but the last q tokens, then empty slots, then the last q (this step's, which a
         concatenation puts last). The layout a step-by-step unflatten, append and flatten gives, so logits are
         unchanged, bit for bit; built with one `index_copy_` per part (whole rows) from the flat and the tail."""
-        if self._rows is None or self._rows[0] is not self.counts:
-            keep = torch.arange(int(self.counts.max()), device=self.counts.device) < self.counts[..., None]
-            head, within = keep.view(-1, keep.shape[-1]).nonzero().unbind(1)  # flat row -> (its head, index in it)
-            self._rows = (self.counts, head, within)
-        _, head, within = self._rows
         t = 0 if self.tail is None else self.tail[0].shape[2]
-        BH, W = self.counts.numel(), int(self.counts.max()) + t  # the widest head's run, its tail included
-        starts = torch.arange(0, BH * W, W, device=head.device)  # (B H_kv,) first row of each head
-        parts = [(head * W + within, self.slots if slots_only else (self.k, self.v, self.slots))]
+        held = self._held_rows(t)
+        parts = ((self.slots, -1),) if slots_only else ((self.k, 0), (self.v, 0), (self.slots, -1))
+        outs = [self._padded(x, fill, held) for x, fill in parts]
         if t:  # the tail's first t - q after each head's run, the last q at the end of the row
-            at = torch.cat([self.counts.view(-1, 1) + torch.arange(t - q, device=head.device),
-                            torch.arange(W - q, W, device=head.device).expand(BH, q)], dim=1)
-            tail = self.tail[2] if slots_only else self.tail
-            parts.append(((starts[:, None] + at).view(-1), tail))
-        shape = (*self.counts.shape, W)
-        outs = []
-        for i, (fill, row_dim) in enumerate(((-1, 0),) if slots_only else ((0, 1), (0, 1), (-1, 0))):
-            ref = parts[0][1] if slots_only else parts[0][1][i]
-            out = ref.new_full((*shape, *ref.shape[1:]), fill)
-            flat_out = out.view(-1, *ref.shape[1:])
-            for rows, src in parts:
-                src = src if slots_only else src[i]
-                flat_out.index_copy_(0, rows, src.reshape(-1, *ref.shape[1:]))
-            outs.append(out)
+            (B, H, W), dev = held[0], self.counts.device
+            at = torch.cat([self.counts.view(-1, 1) + torch.arange(t - q, device=dev),
+                            torch.arange(W - q, W, device=dev).expand(B * H, q)], dim=1)
+            rows = (torch.arange(0, B * H * W, W, device=dev)[:, None] + at).view(-1)
+            for out, x in zip(outs, self.tail[2:] if slots_only else self.tail):
+                out.view(-1, *x.shape[3:]).index_copy_(0, rows, x.reshape(-1, *x.shape[3:]))
         return outs[0] if slots_only else (outs[0], outs[1], outs[2].long())
 
     def _unflatten(self, q: int = 0) -> None:
@@ -325,12 +314,9 @@ class EvictingStore(DenseStore):
         scores = m.score(step, history, self.row_budget).float() if steady else None
         idx = None if scores is None else drop_lowest(scores)
         if idx is not None:
-            B, H, T = self.slots.shape
-            hole = _NO_HOLE.to(idx.device).expand_as(idx)
+            hole = torch.zeros_like(idx, dtype=torch.bool)
             spare = F.pad(idx, (0, 1))  # + one spare row per head (a copy of row 0) for the next token, see `append`
-            if self._offsets is None or self._offsets.shape[1] != H or self._offsets.shape[0] != B or self._T != T:
-                self._offsets, self._T = torch.arange(0, B * H * T, T, device=idx.device).view(B, H, 1), T
-            rows = (spare + self._offsets).view(-1)  # `row_index`, its offsets made once
+            rows = row_index(spare, self.k.shape[2])
             buffers = take_rows(self.k, spare, rows), take_rows(self.v, spare, rows), take_rows(self.slots, spare)
             k, v, slots = (x[:, :, :-1] for x in buffers)
             k2, v2 = m.merge(step, history, idx, hole, k, v)  # merging methods fold the evicted in
