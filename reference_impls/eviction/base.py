@@ -12,7 +12,7 @@ budgets, top-k, gather. Kept tokens stay in time order with their post-RoPE keys
 Methods that evict while decoding (StreamingLLM, H2O, TOVA ...) pay for this at every step of every layer, so
 the steady state has its own short path: once every head holds exactly its budget, a decoded token comes in and
 each head's lowest-scored token goes out (`drop_lowest`: the one the top-k would leave out; on a tie the top-k
-decides), with whole-row copies (`take_rows`) and no masks, counts, top-k or sort over the cache. Same tokens
+decides), with whole-row copies (`_steady_rows`) and no masks, counts, top-k or sort over the cache. Same tokens
 kept, same logits, bit for bit (tests/eviction/test_decoding_steady_state.py).
 
 Token merging rides on the same machinery: after the gather, `EvictionMethod.merge` may fold the evicted tokens'
@@ -89,7 +89,7 @@ def drop_lowest(scores: Tensor) -> Optional[Tensor]:
     """
     T = scores.shape[-1]
     values, low = scores.topk(min(T, 2), dim=-1, largest=False)  # (B, H_kv, 2), the lowest first
-    if T > 1 and not bool(values.diff(dim=-1).gt(0).all()):
+    if T > 1 and not bool((values[..., 1] > values[..., 0]).all()):
         return None
     keep = torch.arange(T - 1, device=scores.device)
     return keep + (keep >= low[..., :1])  # skip the dropped index
@@ -199,6 +199,7 @@ class EvictingStore(DenseStore):
         # the same; they join each head's run in the padded view, so the flat part is not rebuilt every step
         self.tail: Optional[tuple[Tensor, Tensor, Tensor]] = None
         self._rows: Optional[tuple] = None  # (counts, head of each flat row, its index in the head), see `_held_rows`
+        self._steady: Optional[tuple[Tensor, Tensor]] = None  # see `_steady_rows`
 
     def append(self, k: Tensor, v: Tensor):
         q = k.shape[2]
@@ -289,6 +290,18 @@ class EvictingStore(DenseStore):
         if self.history is not None:
             self.history = flat(self.history)
 
+    def _steady_rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """A steady-state eviction keeping idx (B, H_kv, T - 1): (hole, rows), hole all False (B, H_kv, T - 1) and
+        rows (B H_kv T,) the flat rows to copy, each head's kept rows then one spare row (a copy of its row 0) for the
+        next token (see `append`). The row offsets and the hole are the same at every step (T stays budget + 1), so
+        they are made once: a decoding step of every layer is a few dozen small tensor ops, each a few us."""
+        B, H, W = idx.shape
+        if self._steady is None or self._steady[0].shape != idx.shape:
+            offsets = torch.arange(0, B * H * (W + 1), W + 1, device=idx.device).view(B, H, 1)
+            self._steady = (torch.zeros_like(idx, dtype=torch.bool), offsets)
+        hole, offsets = self._steady
+        return hole, F.pad(idx, (0, 1)).add_(offsets).view(-1)
+
     def after_attention(self, step: Step) -> None:
         self.evict(step)
         if self.slots is not None and self.varlen and not self.tight and self.counts is None:  # tight: no holes
@@ -314,10 +327,11 @@ class EvictingStore(DenseStore):
         scores = m.score(step, history, self.row_budget).float() if steady else None
         idx = None if scores is None else drop_lowest(scores)
         if idx is not None:
-            hole = torch.zeros_like(idx, dtype=torch.bool)
-            spare = F.pad(idx, (0, 1))  # + one spare row per head (a copy of row 0) for the next token, see `append`
-            rows = row_index(spare, self.k.shape[2])
-            buffers = take_rows(self.k, spare, rows), take_rows(self.v, spare, rows), take_rows(self.slots, spare)
+            hole, rows = self._steady_rows(idx)
+            (B, H, T), D = self.slots.shape, self.k.shape[-1]
+            buffers = (self.k.reshape(-1, D).index_select(0, rows).view(B, H, T, D),
+                       self.v.reshape(-1, D).index_select(0, rows).view(B, H, T, D),
+                       self.slots.reshape(-1).index_select(0, rows).view(B, H, T))
             k, v, slots = (x[:, :, :-1] for x in buffers)
             k2, v2 = m.merge(step, history, idx, hole, k, v)  # merging methods fold the evicted in
             self.k, self.v, self.slots = k2, v2, slots

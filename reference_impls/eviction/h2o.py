@@ -30,18 +30,16 @@ from reference_impls.eviction.base import EvictionMethod
 __all__ = ["H2O", "h2o_accumulate", "h2o_scores"]
 
 
-def h2o_accumulate(acc: Optional[Tensor], probs: Tensor, num_kv_heads: int, q_real: Optional[Tensor] = None) -> Tensor:
+def h2o_accumulate(acc: Optional[Tensor], probs: Tensor, num_kv_heads: int) -> Tensor:
     """Add this step's attention to the running per-key totals (Alg. 1: a key's score is the attention it
     has received from every query so far).
 
     acc (B, H_kv, T - q): totals of the keys held before this step, or None on the first step;
-    probs (B, H, q, T): this step's attention; q_real (B, q) bool, False for padding queries (they vote for
-    nothing). Returns (B, H_kv, T).
+    probs (B, H, q, T): this step's attention (a padding query's row is 0: it votes for nothing). Returns (B, H_kv, T).
     """
     B, H, q, T = probs.shape
-    if q_real is not None:
-        probs = probs * q_real[:, None, :, None]
-    new = probs.sum(dim=2)  # (B, H, T): the official `attn_score_cache.sum(0).sum(1)`, kept per batch row
+    # (B, H, T): the official `attn_score_cache.sum(0).sum(1)`, kept per batch row (one query: its row, exactly)
+    new = probs[:, :, 0] if q == 1 else probs.sum(dim=2)
     new = new.view(B, num_kv_heads, H // num_kv_heads, T).mean(dim=2)  # GQA: mean over the group (kvpress)
     if acc is not None:  # new keys start at 0: only the held ones add their totals (in place, no padded copy)
         new[..., : acc.shape[2]] += acc

@@ -62,7 +62,8 @@ def keyformer_scores(q: Tensor, k: Tensor, scaling: float, mask: Optional[Tensor
     return (p if mask is None else p.nan_to_num_(0.0)).view(B, H, n, T)  # only a masked row can be all -inf
 
 
-def gumbel_noise(valid: Tensor, q_real: Tensor, num_heads: int, n_real: Tensor, seed: int, layer_idx: int) -> Tensor:
+def gumbel_noise(valid: Tensor, q_real: Tensor, num_heads: int, n_real: Tensor, seed: int, layer_idx: int,
+                 dense: bool = False) -> Tensor:
     """(B, H, q, T) Gumbel(0, 1) draws zeta = -log(-log U), reproducible and independent of the batch.
 
     valid (B, H_kv, T) real held keys; q_real (B, q) real queries; n_real (B,) tokens the row has seen. Row b
@@ -70,7 +71,7 @@ def gumbel_noise(valid: Tensor, q_real: Tensor, num_heads: int, n_real: Tensor, 
     probability 2**-24 a draw, gives zeta = -inf: weight 0 for that pair) from a torch.Generator seeded with
     ((seed * 1_000_003 + layer_idx) * 1_000_003 + n_real[b]) mod 2**63, and gives the j-th real query and
     the t-th valid key of each head U[:, j, t]: a row gets the same noise alone or left-padded in a batch, and
-    every step and layer gets fresh noise. Zero at padding queries.
+    every step and layer gets fresh noise. Zero at padding queries. dense: every key valid and every query real.
     """
     B, H_kv, T = valid.shape
     G, q = num_heads // H_kv, q_real.shape[1]
@@ -78,6 +79,9 @@ def gumbel_noise(valid: Tensor, q_real: Tensor, num_heads: int, n_real: Tensor, 
     for b in range(B):  # one generator per row (B is small); no loop over tokens
         g = torch.Generator(device=valid.device)
         g.manual_seed(((seed * 1_000_003 + layer_idx) * 1_000_003 + int(n_real[b])) % 2**63)
+        if dense:  # every query real, every key valid (a dense decoding step): the same draws, fewer small ops
+            rows.append(torch.rand(num_heads, q, T, generator=g, device=valid.device).log_().neg_().log_().neg_())
+            continue
         qi = q_real[b].nonzero().squeeze(-1)
         u = torch.rand(num_heads, len(qi), int(valid[b].sum(-1).max()), generator=g, device=valid.device)
         zeta = u.log_().neg_().log_().neg_()  # in place: a 1.5k-token prefill draws 20M per layer
@@ -138,7 +142,8 @@ class Keyformer(EvictionMethod):
         B, H_kv, T = step.valid.shape
         noise = None
         if self.gumbel:
-            noise = gumbel_noise(step.valid, step.q_real, step.queries.shape[1], step.n_real(), self.seed, step.layer_idx)
+            noise = gumbel_noise(step.valid, step.q_real, step.queries.shape[1], step.n_real(), self.seed,
+                                 step.layer_idx, dense=step.all_visible)
         f = keyformer_scores(step.queries, step.keys, step.scaling, step.attn_mask, tau=self.tau(t), noise=noise)
         return h2o_accumulate(history, f, H_kv)  # masked keys get 0, so holes stay 0 (as in H2O)
 

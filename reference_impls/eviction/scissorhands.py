@@ -53,14 +53,6 @@ def unimportant_votes(q: Tensor, k: Tensor, allowed: Optional[Tensor], scaling: 
     return allowed & (p < uniform)
 
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-def _unpack(bits: Tensor) -> Tensor:
-    """(..., nb) uint8 -> (..., 8 nb) bool, bit j of byte i at column 8 i + j."""
-    return ((bits[..., None] >> _SHIFTS.to(bits.device)) & 1).bool().flatten(-2)
-
-
 def window_update(bits: Optional[Tensor], votes: Tensor, first, window: int) -> Tensor:
     """Write this step's votes into every key's ring of the last `window` queries (Alg. 2's history window).
 
@@ -70,31 +62,17 @@ def window_update(bits: Optional[Tensor], votes: Tensor, first, window: int) -> 
     votes. Returns (B, H_kv, T, nb).
     """
     B, H_kv, n, T = votes.shape
-    nb = (window + 7) // 8
-    if n == 1 and bits is not None:  # a decoding step: one bit per key changes, so write it in the packed bytes
-        return _write_bit(bits, votes[:, :, 0], first, window)
-    ring = torch.zeros(B, H_kv, T, 8 * nb, dtype=torch.bool, device=votes.device)
-    if bits is not None:
-        ring[:, :, : bits.shape[2]] = _unpack(bits)
-    first = torch.as_tensor(first, device=votes.device).expand(B)
-    slot = torch.nn.functional.one_hot((first[:, None] + torch.arange(n, device=votes.device)) % window, 8 * nb)
-    new = torch.matmul(votes.transpose(2, 3).float(), slot[:, None].float()) > 0  # (B, H_kv, T, 8 nb)
-    ring = (ring & ~slot.any(1)[:, None, None, :].bool()) | new
-    packed = ring.view(B, H_kv, T, nb, 8).to(torch.uint8) << _SHIFTS.to(votes.device)
-    return packed.sum(-1).to(torch.uint8)
-
-
-def _write_bit(bits: Tensor, votes: Tensor, first, window: int) -> Tensor:
-    """`window_update` for one query per row: bits (B, H_kv, T_old, nb), votes (B, H_kv, T) for the query at
-    position `first` (int or (B,)). Only bit (first mod w) of each key changes, so the bytes are edited in place
-    of unpacking every key's whole ring (8 nb bools per key, at every decoding step of every layer)."""
-    B, H_kv, T = votes.shape
+    if bits is None:
+        bits = torch.zeros(B, H_kv, 0, (window + 7) // 8, dtype=torch.uint8, device=votes.device)
     out = torch.nn.functional.pad(bits, (0, 0, 0, T - bits.shape[2]))  # new keys start with no votes
-    slot = torch.as_tensor(first, device=votes.device).expand(B) % window
-    byte = (slot // 8).view(B, 1, 1, 1).expand(B, H_kv, T, 1)
-    mask = (torch.ones((), dtype=torch.uint8, device=votes.device) << (slot % 8).to(torch.uint8)).view(B, 1, 1, 1)
-    new = (out.gather(3, byte) & ~mask) | (votes[..., None].to(torch.uint8) * mask)
-    return out.scatter_(3, byte, new)
+    # one bit column per query, edited in the packed bytes: a decoding step (n = 1) touches one byte per key
+    # instead of unpacking every key's whole ring, at every step of every layer
+    for b, first_b in enumerate(torch.as_tensor(first).expand(B).tolist()):
+        for j in range(n):
+            byte, bit = divmod((first_b + j) % window, 8)
+            column = out[b, :, :, byte]  # (H_kv, T), a view
+            column.bitwise_and_(255 ^ (1 << bit)).bitwise_or_(votes[b, :, j].to(torch.uint8) << bit)
+    return out
 
 
 #: bits set in each byte value, so counting votes needs no unpacking
@@ -103,7 +81,7 @@ _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.ui
 
 def window_counts(bits: Tensor) -> Tensor:
     """(B, H_kv, T, nb) ring bits -> (B, H_kv, T) number of window queries that found each key unimportant."""
-    return _POPCOUNT.to(bits.device)[bits.long()].sum(-1)
+    return _POPCOUNT.to(bits.device).take(bits.long()).sum(-1)
 
 
 def scissorhands_scores(counts: Tensor, positions: Tensor, n_real: Tensor, n_recent: int) -> Tensor:
