@@ -336,8 +336,9 @@ class EvictingStore(DenseStore):
             k2, v2 = m.merge(step, history, idx, hole, k, v)  # merging methods fold the evicted in
             self.k, self.v, self.slots = k2, v2, slots
             self.spare = (k, v, slots, *buffers) if k2 is k and v2 is v else None  # a merge may give new tensors
-            if history is not None:  # no holes, so no statistic to clear
-                self.history = take_rows(history, idx)
+            if history is not None:  # the same rows (the spare one left out); no holes, so no statistic to clear
+                kept = history.reshape(B * H * T, -1).index_select(0, rows)
+                self.history = kept.view(B, H, T, *history.shape[3:])[:, :, :-1]
             return idx, hole
         # the general case (and a tie for the lowest score, which `keep_top` decides as it always did)
         self.tight = False
