@@ -30,7 +30,7 @@ from reference_impls.methods import make_method
 H, H_KV, D, SCALING, LAYERS = 9, 3, 64, 0.125, 30
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_step(store, q, k, v, seen: int, compress: bool, times: Counter) -> None:
     """One call of a layer the way `KVCache` makes it (no padding): append, attention, after_attention."""
     t0 = time.perf_counter()
@@ -52,7 +52,7 @@ def decode_step(store, q, k, v, seen: int, compress: bool, times: Counter) -> No
     times.update(append=t1 - t0, attention=t2 - t1, after_attention=time.perf_counter() - t2)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def in_model(methods: list[str], dtype: str, steps: int, prompt: int) -> None:
     """Each store's append and after_attention inside the embedded model, us per layer and step, and ms per token."""
     from reference_impls import KVCache, load_model

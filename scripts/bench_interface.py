@@ -4,7 +4,8 @@ eviction methods at 4x, on the embedded model, a 1,465-token prompt and 32 greed
     python scripts/bench_interface.py [--threads 2] [--repeats 3] [--methods streamingllm,snapkv,h2o,tova]
 
 Prints prefill seconds and decode tokens/s (median of the repeats) per cache and dtype, and the decode speed of
-each relative to DynamicCache. Run it with nothing else on the machine: the figures are wall-clock times.
+each relative to DynamicCache. Every cache decodes under `torch.inference_mode`, as `greedy_generate` does. Run it
+with nothing else on the machine: the figures are wall-clock times.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from reference_impls.generation import build_prompt
 from reference_impls.methods import make_method
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run(model, ids, make_cache, new_tokens):
     cache = make_cache()
     t0 = time.perf_counter()

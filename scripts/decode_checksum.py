@@ -7,6 +7,8 @@ Prefills a passkey prompt of the embedded model (1,465 tokens by default) into `
 Run it on two trees (e.g. `git worktree add ../before HEAD~1`, then `PYTHONPATH=../before python
 scripts/decode_checksum.py ...` there) with the same thread count and diff the outputs: a refactoring that claims
 "same logits" must print the same lines. One thread by default, so two trees can run side by side.
+`--grad-mode no_grad` decodes under `torch.no_grad` instead of `torch.inference_mode` (what `greedy_generate` uses):
+the two print the same lines.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from reference_impls.generation import build_prompt
 from reference_impls.methods import make_method
 
 
-@torch.no_grad()
 def fingerprint(model, ids: torch.Tensor, cache: KVCache, tokens: int) -> tuple[list[int], float]:
     """Greedy ids of `tokens` decoded steps and the sum of |logits| of the last one (fp32)."""
     logits = model(input_ids=ids, cache=cache).logits[:, -1:]
@@ -41,6 +42,7 @@ def main():
     ap.add_argument("--length", type=int, default=1465, help="passkey prompt length in tokens")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grad-mode", default="inference_mode", choices=["inference_mode", "no_grad"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for dtype in args.dtypes.split(","):
@@ -49,7 +51,8 @@ def main():
         ids = torch.cat(build_prompt(tok, sample["context"], sample["question"]), 1)
         for name in filter(None, args.methods.split(",")):
             method = make_method(name) if name == "full" else make_method(name, args.ratio)
-            out, checksum = fingerprint(model, ids, KVCache(model, method, tok), args.tokens)
+            with getattr(torch, args.grad_mode)():
+                out, checksum = fingerprint(model, ids, KVCache(model, method, tok), args.tokens)
             print(dtype, name, out, checksum, flush=True)
 
 

@@ -10,9 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run():
+def run(*extra):
     cmd = [sys.executable, str(ROOT / "scripts" / "decode_checksum.py"), "--methods", "full,streamingllm",
-           "--dtypes", "bfloat16", "--length", "300", "--tokens", "4"]
+           "--dtypes", "bfloat16", "--length", "300", "--tokens", "4", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
 
 
@@ -23,3 +23,10 @@ def test_two_runs_print_the_same_fingerprints_and_methods_differ():
     (dtype, name, *_), (_, other, *_) = (line.split() for line in first)
     assert (dtype, name, other) == ("bfloat16", "full", "streamingllm")
     assert first[0].split(" ", 2)[2] != first[1].split(" ", 2)[2]  # a 4x cache is not the full one
+
+
+@pytest.mark.slow
+def test_inference_mode_decodes_bit_for_bit_as_no_grad():
+    # greedy_generate and the speed scripts decode under torch.inference_mode for its lower per-op cost; that is
+    # only allowed because it runs the same kernels: the fingerprints must not move
+    assert run("--grad-mode", "no_grad") == run("--grad-mode", "inference_mode")
