@@ -9,9 +9,9 @@ microseconds per step for the three calls, after a warm-up. `scripts/bench_inter
 decoding speed; this isolates the cache's share of it (the part a method's code decides), so it is steadier than the
 model's figures on a noisy machine, and cheaper to rerun after a change. Run it with nothing else on the machine.
 
-`--model` times the same calls inside the embedded model instead (the 1,465-token passkey prompt of
-`bench_interface.py` by default, each store's `append` and `after_attention` in every layer, plus the whole decoding step):
-there the model's weights stream through the caches between two layers, so every small tensor op of a store costs
+`--model` times the same calls inside the embedded model instead (by default the 1,465-token passkey prompt of
+`bench_interface.py`; each store's `append` and `after_attention` in every layer, and the whole decoding step): there
+the model's weights stream through the caches between two layers, so every small tensor op of a store costs
 about twice what it costs in the synthetic loop, which is what the model's decoding speed sees.
 """
 
@@ -66,7 +66,7 @@ def in_model(methods: list[str], dtype: str, steps: int, prompt: int) -> None:
           f"{steps} steps after 4 warm-up steps), ms per decoded token, {torch.get_num_threads()} threads")
     print(f"{'method':14s} {'append':>8s} {'after':>8s} {'ms/token':>9s}")
     for name in methods:
-        cache = KVCache(model, make_method("full") if name == "full" else make_method(name, 4), tok)
+        cache = KVCache(model, make_method(name, 4), tok)  # full ignores the ratio
         token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         times = Counter()
         for layer in cache.layers:  # each store's own calls, timed where the model makes them
@@ -105,8 +105,7 @@ def main():
           f"mean of {args.steps} after 20 warm-up steps, {args.threads} thread(s)")
     print(f"{'method':14s} {'append':>8s} {'attention':>10s} {'after':>8s} {'total':>8s}  held")
     for name in filter(None, args.methods.split(",")):
-        store = (make_method("full") if name == "full" else make_method(name, 4)).new_layer(LAYERS // 2,
-                                                                                        Model(num_layers=LAYERS))
+        store = make_method(name, 4).new_layer(LAYERS // 2, Model(num_layers=LAYERS))  # full ignores the ratio
         g = torch.Generator().manual_seed(0)
         draw = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
         times = Counter()

@@ -50,9 +50,8 @@ def main():
         sample = passkey_samples(1, args.length, seed=0, tokenizer=tok)[0]
         ids = torch.cat(build_prompt(tok, sample["context"], sample["question"]), 1)
         for name in filter(None, args.methods.split(",")):
-            method = make_method(name) if name == "full" else make_method(name, args.ratio)
-            with getattr(torch, args.grad_mode)():
-                out, checksum = fingerprint(model, ids, KVCache(model, method, tok), args.tokens)
+            with getattr(torch, args.grad_mode)():  # full ignores the ratio
+                out, checksum = fingerprint(model, ids, KVCache(model, make_method(name, args.ratio), tok), args.tokens)
             print(dtype, name, out, checksum, flush=True)
 
 
